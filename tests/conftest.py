@@ -1,0 +1,185 @@
+"""Shared fixtures: a migrated database (SQLite, or PostgreSQL via VOLTPAY_TEST_DATABASE_URL),
+the app, a client, a real SMTP server (aiosmtpd) and account helpers.
+
+Each test starts from empty tables; the schema is built once per run by the
+Alembic migrations, so every run also proves the migrations reach head.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+from aiosmtpd.controller import Controller
+from sqlalchemy import create_engine, text
+
+from webapp import create_app
+from webapp.cli import migrate_to_head
+from webapp.db import Base
+
+HERE = Path(__file__).resolve().parent
+
+
+def _reset_postgres(url: str) -> None:
+    eng = create_engine(url)
+    with eng.begin() as c:
+        c.execute(text("DROP SCHEMA public CASCADE"))
+        c.execute(text("CREATE SCHEMA public"))
+    eng.dispose()
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory) -> str:
+    """A freshly migrated database for this test run."""
+    url = os.environ.get("VOLTPAY_TEST_DATABASE_URL")
+    if url:
+        _reset_postgres(url)
+    else:
+        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'test.db'}"
+    migrate_to_head(url)
+    return url
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Mailbox:
+    """Messages received by the test SMTP server."""
+
+    def __init__(self) -> None:
+        self.messages: list[EmailMessage] = []
+        self._cond = threading.Condition()
+
+    def add(self, raw: bytes) -> None:
+        with self._cond:
+            self.messages.append(message_from_bytes(raw, policy=policy.default))  # type: ignore[arg-type]
+            self._cond.notify_all()
+
+    def clear(self) -> None:
+        with self._cond:
+            self.messages.clear()
+
+    def wait_for(self, to: str, count: int = 1, timeout: float = 10.0) -> list[EmailMessage]:
+        """Wait until ``count`` messages to ``to`` arrived; return them."""
+        with self._cond:
+            ok = self._cond.wait_for(lambda: len(self.to(to)) >= count, timeout=timeout)
+        if not ok:
+            raise AssertionError(f"expected {count} message(s) to {to}, got {[m['To'] + ': ' + m['Subject'] for m in self.messages]}")
+        return self.to(to)
+
+    def to(self, address: str) -> list[EmailMessage]:
+        return [m for m in self.messages if m["To"] == address]
+
+    def last_link(self, to: str, path_part: str) -> str:
+        """The last URL containing ``path_part`` in the newest message to ``to``."""
+        body = self.wait_for(to)[-1].get_body(("plain",)).get_content()
+        links = [u for u in re.findall(r"https?://\S+", body) if path_part in u]
+        assert links, f"no link with {path_part!r} in: {body}"
+        return links[-1]
+
+
+class _Handler:
+    def __init__(self, box: Mailbox) -> None:
+        self.box = box
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd hook name
+        self.box.add(envelope.original_content or envelope.content)
+        return "250 Message accepted for delivery"
+
+
+@pytest.fixture(scope="session")
+def smtp_server():
+    """A real SMTP server on a free local port."""
+    box = Mailbox()
+    port = free_port()
+    controller = Controller(_Handler(box), hostname="127.0.0.1", port=port)
+    controller.start()
+    yield "127.0.0.1", port, box
+    controller.stop()
+
+
+@pytest.fixture
+def mailbox(smtp_server) -> Mailbox:
+    """The SMTP server's inbox, emptied for this test."""
+    box = smtp_server[2]
+    box.clear()
+    return box
+
+
+def _truncate(app) -> None:
+    engine = app.extensions["db_engine"]
+    tables = [t.name for t in reversed(Base.metadata.sorted_tables)]
+    with engine.begin() as c:
+        if engine.dialect.name == "postgresql":
+            c.execute(text("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " RESTART IDENTITY CASCADE"))
+        else:
+            for t in tables:
+                c.execute(text(f'DELETE FROM "{t}"'))
+
+
+@pytest.fixture
+def app_config(database_url, smtp_server) -> dict:
+    """Settings of the app under test; a test may change them before asking for ``app``."""
+    host, port, _box = smtp_server
+    return {
+        "ENV": "test",
+        "SECRET_KEY": "test-secret-key-0123456789abcdef0123456789",
+        "DATABASE_URL": database_url,
+        "HUEY_IMMEDIATE": True,
+        "RATELIMIT_ENABLED": False,
+        "SMTP_HOST": host,
+        "SMTP_PORT": port,
+        "SMTP_STARTTLS": False,
+        "BASE_URL": "http://localhost",
+        "OIDC_ISSUER": None,
+        "REDIS_URL": None,
+    }
+
+
+@pytest.fixture
+def app(app_config):
+    """The app, on empty tables."""
+    application = create_app(app_config)
+    _truncate(application)
+    yield application
+    application.extensions["db_engine"].dispose()
+
+
+@pytest.fixture
+def client(app):
+    """A test client (no CSRF check unless a test turns it on)."""
+    app.config["WTF_CSRF_ENABLED"] = False
+    return app.test_client()
+
+
+@pytest.fixture
+def csrf_client(app):
+    """A test client with CSRF checks on, as a browser would meet them."""
+    app.config["WTF_CSRF_ENABLED"] = True
+    return app.test_client()
+
+
+@pytest.fixture
+def make_user(app):
+    """Create an account directly in the database: ``make_user(email, password, verified=True, **fields)``."""
+    from webapp.auth.passwords import hash_password
+    from webapp.db import utcnow
+    from webapp.models import User
+
+    def make(email: str = "ana@example.com", password: str = "correct horse staple", verified: bool = True, **fields) -> User:
+        with app.extensions["db_sessionmaker"].begin() as s:
+            user = User(email=email, password_hash=hash_password(password), email_verified_at=utcnow() if verified else None, **fields)
+            s.add(user)
+        return user
+
+    return make

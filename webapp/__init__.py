@@ -1,0 +1,63 @@
+"""The Voltpay web app: phone pages, JSON API and webhooks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def create_app(config: dict | None = None) -> Flask:
+    """Build the app: defaults → environment → overrides → db → login/OAuth → blueprints → errors → headers."""
+    from webapp import config as cfg
+
+    app = Flask(
+        __name__,
+        template_folder=str(ROOT / "templates"),
+        static_folder=str(ROOT / "static"),
+        instance_path=str(ROOT / "instance"),
+    )
+    settings = cfg.from_environment()
+    settings.update(config or {})
+    cfg.finalize(settings)
+    app.config.update(settings)
+
+    if app.config["TRUSTED_PROXIES"]:
+        n = app.config["TRUSTED_PROXIES"]
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n, x_port=n)
+
+    from webapp import db, errors, i18n, logs, security, tasks
+    from webapp.extensions import csrf, limiter
+
+    logs.init_app(app)
+    db.init_app(app)
+    csrf.init_app(app)
+    limiter.init_app(app)
+    i18n.init_app(app)
+    tasks.init_app(app)
+
+    from webapp.auth import init_login
+
+    init_login(app)
+
+    from webapp.account import bp as account_bp
+    from webapp.api import bp as api_bp
+    from webapp.auth import bp as auth_bp
+    from webapp.main import bp as main_bp
+
+    app.register_blueprint(main_bp)
+    app.register_blueprint(auth_bp)
+    app.register_blueprint(account_bp)
+    app.register_blueprint(api_bp)
+    csrf.exempt(api_bp)  # bearer tokens only, never cookies: nothing for a forged form to ride on
+
+    errors.init_app(app)
+    security.init_app(app)
+
+    from webapp.cli import register as register_cli
+
+    register_cli(app)
+    return app

@@ -1,0 +1,216 @@
+"""The signed-in person's account: profile, language, password, two-factor sign-in, API tokens."""
+
+from __future__ import annotations
+
+from flask import Blueprint, abort, flash, redirect, render_template, session, url_for
+from flask_babel import gettext as _
+from flask_babel import lazy_gettext as _l
+from flask_login import current_user, login_required, login_user, logout_user
+from flask_wtf import FlaskForm
+from sqlalchemy import select
+from wtforms import PasswordField, SelectField, StringField
+from wtforms.validators import DataRequired, Length
+
+from webapp.auth import twofactor
+from webapp.auth.forms import _PasswordRules
+from webapp.auth.passwords import MAX_LENGTH, RULES_HELP, hash_password, verify_password
+from webapp.auth.views import CODE_LIMIT
+from webapp.db import db_session, utcnow
+from webapp.extensions import limiter
+from webapp.i18n import LANGUAGES
+from webapp.models import ApiToken
+
+bp = Blueprint("account", __name__, url_prefix="/account")
+
+SETUP_SECRET = "totp_setup_secret"
+
+
+class LanguageForm(FlaskForm):
+    """The account's language."""
+
+    locale = SelectField(_l("Language"), choices=list(LANGUAGES.items()))
+
+
+class ChangePasswordForm(FlaskForm):
+    """Current password, then a new one."""
+
+    current = PasswordField(_l("Current password"), validators=[Length(max=MAX_LENGTH)], render_kw={"autocomplete": "current-password"})
+    password = PasswordField(
+        _l("New password"),
+        validators=[DataRequired(message=_l("Choose a password.")), _PasswordRules(email_field=None)],
+        description=RULES_HELP,
+        render_kw={"autocomplete": "new-password", "maxlength": MAX_LENGTH},
+    )
+
+
+class CodeForm(FlaskForm):
+    """A 6-digit code from the authenticator app."""
+
+    code = StringField(_l("6-digit code from the app"), validators=[DataRequired(message=_l("Enter the 6-digit code.")), Length(max=12)], render_kw={"autocomplete": "one-time-code", "inputmode": "numeric"})
+
+
+class DisableTwoFactorForm(FlaskForm):
+    """Password and a current code, to turn two-factor sign-in off."""
+
+    password = PasswordField(_l("Password"), validators=[Length(max=MAX_LENGTH)], render_kw={"autocomplete": "current-password"})
+    code = StringField(_l("6-digit code from the app, or a recovery code"), validators=[DataRequired(message=_l("Enter the 6-digit code.")), Length(max=32)], render_kw={"autocomplete": "one-time-code"})
+
+
+def _tokens():
+    return db_session().scalars(
+        select(ApiToken).where(ApiToken.user_id == current_user.id, ApiToken.revoked_at.is_(None), ApiToken.expires_at > utcnow()).order_by(ApiToken.created_at.desc())
+    ).all()
+
+
+@bp.route("/")
+@login_required
+def overview():
+    """Account page."""
+    return render_template(
+        "account/overview.html",
+        language_form=LanguageForm(locale=current_user.locale or "en"),
+        password_form=ChangePasswordForm(),
+        recovery_left=twofactor.remaining_recovery_codes(db_session(), current_user) if current_user.two_factor_enabled else None,
+        api_tokens=_tokens(),
+    )
+
+
+@bp.route("/language", methods=["POST"])
+@login_required
+def language():
+    """Save the account's language."""
+    form = LanguageForm()
+    if form.validate_on_submit():
+        current_user.locale = form.locale.data
+        session["locale"] = form.locale.data
+        db_session().commit()
+        flash(_("Language saved."), "success")
+    return redirect(url_for("account.overview"))
+
+
+@bp.route("/password", methods=["POST"])
+@login_required
+@limiter.limit(CODE_LIMIT)
+def change_password():
+    """Change the password; other devices are signed out."""
+    form = ChangePasswordForm()
+    form.account_email = current_user.email
+    if current_user.password_hash and not verify_password(current_user.password_hash, form.current.data or ""):
+        form.current.errors = [_("Your current password is not right.")]
+        ok = False
+    else:
+        ok = form.validate_on_submit()
+    if not ok:
+        s = db_session()
+        return render_template(
+            "account/overview.html",
+            language_form=LanguageForm(locale=current_user.locale or "en"),
+            password_form=form,
+            recovery_left=twofactor.remaining_recovery_codes(s, current_user) if current_user.two_factor_enabled else None,
+            api_tokens=_tokens(),
+        ), 400
+    user = current_user._get_current_object()
+    user.password_hash = hash_password(form.password.data)
+    user.session_version += 1
+    db_session().commit()
+    login_user(user)  # keep this device signed in under the new session version
+    flash(_("Password changed. Other devices have been signed out."), "success")
+    return redirect(url_for("account.overview"))
+
+
+@bp.route("/two-factor", methods=["GET", "POST"])
+@login_required
+@limiter.limit(CODE_LIMIT, methods=["POST"])
+def two_factor_setup():
+    """Turn on two-factor sign-in: scan the QR code, confirm a code, keep the recovery codes."""
+    if current_user.two_factor_enabled:
+        return redirect(url_for("account.overview"))
+    secret = session.get(SETUP_SECRET)
+    if not secret:
+        secret = session[SETUP_SECRET] = twofactor.new_secret()
+    form = CodeForm()
+    if form.validate_on_submit():
+        if twofactor.matching_step(secret, form.code.data) is None:
+            form.code.errors.append(_("That code is not right. Check the time on your phone and enter the newest code."))
+        else:
+            s = db_session()
+            user = current_user._get_current_object()
+            user.totp_secret = secret
+            user.totp_last_step = twofactor.matching_step(secret, form.code.data)
+            codes = twofactor.new_recovery_codes(s, user)
+            s.commit()
+            session.pop(SETUP_SECRET, None)
+            return render_template("account/recovery_codes.html", codes=codes, first_time=True)
+    uri = twofactor.provisioning_uri(secret, current_user.email)
+    status = 400 if form.errors else 200
+    return render_template("account/two_factor_setup.html", form=form, qr=twofactor.qr_svg(uri), secret=secret), status
+
+
+@bp.route("/two-factor/recovery-codes", methods=["POST"])
+@login_required
+@limiter.limit(CODE_LIMIT)
+def new_recovery_codes():
+    """Replace the recovery codes (needs a current code)."""
+    form = CodeForm()
+    s = db_session()
+    user = current_user._get_current_object()
+    if not user.two_factor_enabled:
+        return redirect(url_for("account.overview"))
+    if form.validate_on_submit() and twofactor.verify_totp(s, user, form.code.data):
+        codes = twofactor.new_recovery_codes(s, user)
+        s.commit()
+        return render_template("account/recovery_codes.html", codes=codes, first_time=False)
+    s.rollback()
+    flash(_("That code is not right. Your recovery codes were not changed."), "error")
+    return redirect(url_for("account.overview"))
+
+
+@bp.route("/two-factor/disable", methods=["GET", "POST"])
+@login_required
+@limiter.limit(CODE_LIMIT, methods=["POST"])
+def two_factor_disable():
+    """Turn two-factor sign-in off (needs the password and a code)."""
+    user = current_user._get_current_object()
+    if not user.two_factor_enabled:
+        return redirect(url_for("account.overview"))
+    form = DisableTwoFactorForm()
+    if form.validate_on_submit():
+        s = db_session()
+        password_ok = user.password_hash is None or verify_password(user.password_hash, form.password.data or "")
+        code_ok = twofactor.verify_totp(s, user, form.code.data) or twofactor.use_recovery_code(s, user, form.code.data)
+        if password_ok and code_ok:
+            twofactor.disable(s, user)
+            s.commit()
+            flash(_("Two-factor sign-in is off."), "success")
+            return redirect(url_for("account.overview"))
+        s.rollback()
+        form.code.errors.append(_("The password or the code is not right."))
+    return render_template("account/two_factor_disable.html", form=form), 400 if form.errors else 200
+
+
+@bp.route("/sign-out-everywhere", methods=["POST"])
+@login_required
+def sign_out_everywhere():
+    """Sign out on every device, this one included."""
+    user = current_user._get_current_object()
+    user.session_version += 1
+    db_session().commit()
+    logout_user()
+    session.clear()
+    flash(_("You are signed out on every device."), "info")
+    return redirect(url_for("auth.sign_in"))
+
+
+@bp.route("/api-tokens/<int:token_id>/revoke", methods=["POST"])
+@login_required
+def revoke_api_token(token_id: int):
+    """Revoke one of the user's API tokens (someone else's: 404)."""
+    s = db_session()
+    token = s.get(ApiToken, token_id)
+    if token is None or token.user_id != current_user.id:
+        abort(404)
+    if token.revoked_at is None:
+        token.revoked_at = utcnow()
+        s.commit()
+    flash(_("The API token is revoked."), "success")
+    return redirect(url_for("account.overview"))

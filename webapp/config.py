@@ -1,0 +1,116 @@
+"""Configuration: safe development defaults, secrets and URLs from ``VOLTPAY_*`` variables.
+
+Every setting an operator may change is listed in ``SETTINGS`` with its
+environment variable, default and meaning; the README's table is generated
+from the same list so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+INSTANCE = ROOT / "instance"
+
+DEV_SECRET = "dev-insecure-secret-key-change-me"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration value read from the environment."""
+
+    key: str  # Flask config key
+    env: str  # environment variable
+    default: object
+    help: str
+    kind: type = str
+
+
+def _bool(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("ENV", "VOLTPAY_ENV", "development", "development, test or production; production refuses unsafe defaults"),
+    Setting("SECRET_KEY", "VOLTPAY_SECRET_KEY", DEV_SECRET, "signs sessions and tokens; a long random string in production"),
+    Setting("DATABASE_URL", "VOLTPAY_DATABASE_URL", None, "SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@db/voltpay; default: SQLite file instance/voltpay.db"),
+    Setting("REDIS_URL", "VOLTPAY_REDIS_URL", None, "Redis for rate limits and the task queue; default: in-memory limits and a SQLite task queue"),
+    Setting("BASE_URL", "VOLTPAY_BASE_URL", "http://127.0.0.1:8000", "public https URL used in emails and QR codes"),
+    Setting("TRUSTED_PROXIES", "VOLTPAY_TRUSTED_PROXIES", 0, "number of reverse proxies in front of gunicorn whose X-Forwarded-* headers are trusted", int),
+    Setting("COOKIE_SECURE", "VOLTPAY_COOKIE_SECURE", None, "send cookies over HTTPS only; default: on in production, off in development (plain http)", bool),
+    Setting("HUEY_PATH", "VOLTPAY_HUEY_PATH", str(INSTANCE / "huey.db"), "SQLite file for the task queue when no Redis is configured"),
+    Setting("MAIL_FROM", "VOLTPAY_MAIL_FROM", "Voltpay <no-reply@voltpay.test>", "sender address of every email"),
+    Setting("SMTP_HOST", "VOLTPAY_SMTP_HOST", None, "SMTP server; when unset, emails are written to the log (demo)"),
+    Setting("SMTP_PORT", "VOLTPAY_SMTP_PORT", 587, "SMTP port", int),
+    Setting("SMTP_USERNAME", "VOLTPAY_SMTP_USERNAME", None, "SMTP user name"),
+    Setting("SMTP_PASSWORD", "VOLTPAY_SMTP_PASSWORD", None, "SMTP password"),
+    Setting("SMTP_STARTTLS", "VOLTPAY_SMTP_STARTTLS", True, "upgrade the SMTP connection with STARTTLS", bool),
+    Setting("SMTP_SSL", "VOLTPAY_SMTP_SSL", False, "connect to SMTP over implicit TLS (port 465)", bool),
+    Setting("OIDC_ISSUER", "VOLTPAY_OIDC_ISSUER", None, "OpenID Connect issuer URL, e.g. https://accounts.google.com; sign-in with it is offered when set"),
+    Setting("OIDC_CLIENT_ID", "VOLTPAY_OIDC_CLIENT_ID", None, "OpenID Connect client id"),
+    Setting("OIDC_CLIENT_SECRET", "VOLTPAY_OIDC_CLIENT_SECRET", None, "OpenID Connect client secret"),
+    Setting("OIDC_NAME", "VOLTPAY_OIDC_NAME", "Google", "provider name shown on the sign-in button"),
+    Setting("API_TOKEN_DAYS", "VOLTPAY_API_TOKEN_DAYS", 30, "lifetime of API bearer tokens in days", int),
+    Setting("LOG_LEVEL", "VOLTPAY_LOG_LEVEL", "INFO", "log level of the JSON logs"),
+)
+
+
+def from_environment(environ: dict[str, str] | None = None) -> dict[str, object]:
+    """Return the Flask configuration built from defaults and ``VOLTPAY_*`` variables."""
+    environ = os.environ if environ is None else environ
+    config: dict[str, object] = {}
+    for s in SETTINGS:
+        raw = environ.get(s.env)
+        if raw is None or raw == "":
+            config[s.key] = s.default
+        elif s.kind is bool:
+            config[s.key] = _bool(raw)
+        elif s.kind is int:
+            config[s.key] = int(raw)
+        else:
+            config[s.key] = raw
+    return config
+
+
+class ConfigError(RuntimeError):
+    """The configuration is unsafe or incomplete for the chosen environment."""
+
+
+def finalize(config: dict[str, object]) -> None:
+    """Fill derived values and refuse to run production on development defaults."""
+    env = config["ENV"]
+    if env not in {"development", "test", "production"}:
+        raise ConfigError(f"VOLTPAY_ENV must be development, test or production, not {env!r}")
+    if env == "production":
+        missing = []
+        if not config.get("SECRET_KEY") or config["SECRET_KEY"] == DEV_SECRET or len(str(config["SECRET_KEY"])) < 32:
+            missing.append("VOLTPAY_SECRET_KEY (a random string of at least 32 characters)")
+        if not config.get("DATABASE_URL"):
+            missing.append("VOLTPAY_DATABASE_URL")
+        if missing:
+            raise ConfigError("Voltpay refuses to start in production without: " + ", ".join(missing))
+    if not config.get("DATABASE_URL"):
+        INSTANCE.mkdir(exist_ok=True)
+        config["DATABASE_URL"] = f"sqlite:///{INSTANCE / 'voltpay.db'}"
+    secure = env == "production" if config["COOKIE_SECURE"] is None else bool(config["COOKIE_SECURE"])
+    config.update(
+        SESSION_COOKIE_SECURE=secure,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        REMEMBER_COOKIE_SECURE=secure,
+        REMEMBER_COOKIE_HTTPONLY=True,
+        REMEMBER_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_NAME="__Host-voltpay" if secure else "voltpay",
+        PERMANENT_SESSION_LIFETIME=60 * 60 * 24 * 14,
+        WTF_CSRF_TIME_LIMIT=None,  # tied to the session instead, so a long form is never lost
+        TESTING=env == "test" or bool(config.get("TESTING")),
+        BABEL_DEFAULT_LOCALE="en",
+        BABEL_DEFAULT_TIMEZONE="UTC",
+        BABEL_TRANSLATION_DIRECTORIES=str(ROOT / "webapp" / "translations"),
+        RATELIMIT_STORAGE_URI=config.get("RATELIMIT_STORAGE_URI") or config.get("REDIS_URL") or "memory://",
+        RATELIMIT_HEADERS_ENABLED=True,
+        MAX_CONTENT_LENGTH=2 * 1024 * 1024,
+    )
+    config.setdefault("RATELIMIT_ENABLED", True)

@@ -1,0 +1,15 @@
+"""Flask extensions, created unbound and attached in ``create_app``."""
+
+from authlib.integrations.flask_client import OAuth
+from flask_babel import Babel
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
+from flask_login import LoginManager
+from flask_wtf.csrf import CSRFProtect
+
+csrf = CSRFProtect()
+babel = Babel()
+login_manager = LoginManager()
+oauth = OAuth()
+# Limits are declared on the views; storage comes from RATELIMIT_STORAGE_URI (memory:// or Redis).
+limiter = Limiter(key_func=get_remote_address, default_limits=[])
