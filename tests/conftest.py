@@ -20,10 +20,13 @@ from aiosmtpd.controller import Controller
 from sqlalchemy import create_engine, text
 
 from webapp import create_app
+from webapp.auth.passwords import use_fast_parameters_for_tests
 from webapp.cli import migrate_to_head
 from webapp.db import Base
 
 HERE = Path(__file__).resolve().parent
+
+use_fast_parameters_for_tests()
 
 
 def _reset_postgres(url: str) -> None:

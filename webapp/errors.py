@@ -8,6 +8,7 @@ A 500 rolls the request's session back so no half-done work is committed.
 from __future__ import annotations
 
 import logging
+import time
 
 from flask import Flask, Response, g, jsonify, render_template, request
 from flask_babel import lazy_gettext as _l
@@ -81,12 +82,14 @@ def _page(status: int, detail: str, headers: dict | None = None, **extra) -> Res
     return resp
 
 
-def _retry_after(e: HTTPException) -> int | None:
-    try:
-        value = e.get_response().headers.get("Retry-After")
-        return int(value) if value else None
-    except (TypeError, ValueError):
+def _retry_after() -> int | None:
+    """Seconds until the breached rate limit resets (flask-limiter adds the header only later)."""
+    from webapp.extensions import limiter
+
+    current = limiter.current_limit
+    if current is None:
         return None
+    return max(1, int(current.reset_at - time.time()))
 
 
 def init_app(app: Flask) -> None:
@@ -110,9 +113,7 @@ def init_app(app: Flask) -> None:
         status = e.code or 500
         code, title = STATUS_CODES.get(status, ("error", e.name))
         headers = {}
-        retry = _retry_after(e) if status == 429 else None
-        if retry:
-            headers["Retry-After"] = str(retry)
+        retry = _retry_after() if status == 429 else None  # flask-limiter sets the Retry-After header
         if status == 405 and e.get_response().headers.get("Allow"):
             headers["Allow"] = e.get_response().headers["Allow"]
         detail = str(title)

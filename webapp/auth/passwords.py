@@ -27,6 +27,13 @@ _DUMMY_HASH = _hasher.hash("voltpay-timing-equaliser")
 _SEQUENCES = ("0123456789", "abcdefghijklmnopqrstuvwxyz", "qwertyuiop", "asdfghjkl", "zxcvbnm", "1qaz2wsx3edc")
 
 
+def use_fast_parameters_for_tests() -> None:
+    """Cheap Argon2 parameters so the test suite is not dominated by hashing (never in production)."""
+    global _hasher, _DUMMY_HASH
+    _hasher = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    _DUMMY_HASH = _hasher.hash("voltpay-timing-equaliser")
+
+
 def hash_password(password: str) -> str:
     """Return an Argon2id hash of ``password``."""
     return _hasher.hash(password)
