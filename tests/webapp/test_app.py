@@ -90,3 +90,11 @@ def test_static_assets_are_local(client):
     page = client.get("/").get_data(as_text=True)
     assert "http" not in page.split("<body>")[0].replace('http-equiv', '')  # no CDN in the head
     assert client.get("/static/css/app.css").status_code == 200
+
+
+def test_readme_lists_every_setting():
+    from webapp.config import ROOT, SETTINGS
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [s.env for s in SETTINGS if f"`{s.env}`" not in readme]
+    assert missing == [], f"README.md does not document {missing}"
