@@ -7,57 +7,14 @@ their own with ``Session.begin()`` from ``session_factory()``.
 
 from __future__ import annotations
 
-import datetime as dt
-
 from flask import Flask, current_app, g
-from sqlalchemy import DateTime, MetaData, create_engine, event
+from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy.orm import Session, sessionmaker
 
-# Stable constraint names, so Alembic migrations look the same on SQLite and PostgreSQL.
-NAMING = {
-    "ix": "ix_%(column_0_label)s",
-    "uq": "uq_%(table_name)s_%(column_0_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
+from payments.base import Base, UTCDateTime, utcnow
 
-
-class Base(DeclarativeBase):
-    """Declarative base of every model."""
-
-    metadata = MetaData(naming_convention=NAMING)
-
-
-class UTCDateTime(TypeDecorator):
-    """A timezone-aware UTC timestamp on every database (SQLite stores it naive)."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value, dialect):
-        """Refuse naive datetimes: a timestamp without a zone is a bug waiting to happen."""
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime given to a UTC column")
-        value = value.astimezone(dt.UTC)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value, dialect):
-        """Return aware UTC datetimes."""
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=dt.UTC)
-        return value.astimezone(dt.UTC)
-
-
-def utcnow() -> dt.datetime:
-    """Now, as an aware UTC datetime."""
-    return dt.datetime.now(dt.UTC)
+__all__ = ["Base", "UTCDateTime", "utcnow", "make_engine", "init_app", "engine", "session_factory", "db_session"]
 
 
 def make_engine(url: str) -> Engine:

@@ -23,6 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
+import payments.ledger  # noqa: F401  (the money tables share this metadata)
 from webapp.db import Base, UTCDateTime, utcnow
 
 

@@ -6,7 +6,7 @@ Create Date: 2026-11-22 02:15:47.981092
 """
 from alembic import op
 import sqlalchemy as sa
-import webapp.db
+import payments.base
 
 
 revision = '0001'
@@ -23,7 +23,7 @@ def upgrade() -> None:
     sa.Column('legal_name', sa.String(length=200), nullable=False),
     sa.Column('address', sa.Text(), nullable=False),
     sa.Column('vat_id', sa.String(length=32), nullable=True),
-    sa.Column('created_at', webapp.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', payments.base.UTCDateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_operators'))
     )
     op.create_table('sites',
@@ -33,7 +33,7 @@ def upgrade() -> None:
     sa.Column('address', sa.Text(), nullable=False),
     sa.Column('time_zone', sa.String(length=64), nullable=False),
     sa.Column('currency', sa.String(length=3), nullable=False),
-    sa.Column('created_at', webapp.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', payments.base.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['operator_id'], ['operators.id'], name=op.f('fk_sites_operator_id_operators')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_sites'))
     )
@@ -44,7 +44,7 @@ def upgrade() -> None:
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('email', sa.String(length=254), nullable=False),
     sa.Column('password_hash', sa.String(length=255), nullable=True),
-    sa.Column('email_verified_at', webapp.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('email_verified_at', payments.base.UTCDateTime(timezone=True), nullable=True),
     sa.Column('role', sa.Enum('customer', 'support', 'operator_staff', 'admin', name='user_role', native_enum=False, length=32), nullable=False),
     sa.Column('operator_id', sa.Integer(), nullable=True),
     sa.Column('locale', sa.String(length=8), nullable=True),
@@ -52,7 +52,7 @@ def upgrade() -> None:
     sa.Column('totp_last_step', sa.Integer(), nullable=True),
     sa.Column('is_active_account', sa.Boolean(), nullable=False),
     sa.Column('session_version', sa.Integer(), nullable=False),
-    sa.Column('created_at', webapp.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', payments.base.UTCDateTime(timezone=True), nullable=False),
     sa.CheckConstraint("(role IN ('operator_staff') AND operator_id IS NOT NULL) OR role NOT IN ('operator_staff')", name=op.f('ck_users_staff_has_operator')),
     sa.ForeignKeyConstraint(['operator_id'], ['operators.id'], name=op.f('fk_users_operator_id_operators')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_users')),
@@ -63,10 +63,10 @@ def upgrade() -> None:
     sa.Column('user_id', sa.Integer(), nullable=False),
     sa.Column('token_hash', sa.String(length=64), nullable=False),
     sa.Column('name', sa.String(length=100), nullable=False),
-    sa.Column('created_at', webapp.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('expires_at', webapp.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('revoked_at', webapp.db.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('last_used_at', webapp.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', payments.base.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('expires_at', payments.base.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('revoked_at', payments.base.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('last_used_at', payments.base.UTCDateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['user_id'], ['users.id'], name=op.f('fk_api_tokens_user_id_users'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_api_tokens')),
     sa.UniqueConstraint('token_hash', name=op.f('uq_api_tokens_token_hash'))
@@ -81,7 +81,7 @@ def upgrade() -> None:
     sa.Column('password_hash', sa.String(length=255), nullable=False),
     sa.Column('vendor', sa.String(length=50), nullable=True),
     sa.Column('model', sa.String(length=50), nullable=True),
-    sa.Column('created_at', webapp.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', payments.base.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['site_id'], ['sites.id'], name=op.f('fk_chargers_site_id_sites')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_chargers')),
     sa.UniqueConstraint('charge_point_id', name=op.f('uq_chargers_charge_point_id'))
@@ -94,9 +94,9 @@ def upgrade() -> None:
     sa.Column('user_id', sa.Integer(), nullable=False),
     sa.Column('purpose', sa.Enum('verify', 'reset', name='email_token_purpose', native_enum=False, length=32), nullable=False),
     sa.Column('token_hash', sa.String(length=64), nullable=False),
-    sa.Column('expires_at', webapp.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('used_at', webapp.db.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('created_at', webapp.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('expires_at', payments.base.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('used_at', payments.base.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', payments.base.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['user_id'], ['users.id'], name=op.f('fk_email_tokens_user_id_users'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_email_tokens')),
     sa.UniqueConstraint('token_hash', name=op.f('uq_email_tokens_token_hash'))
@@ -113,7 +113,7 @@ def upgrade() -> None:
     sa.Column('prepaid', sa.Boolean(), nullable=False),
     sa.Column('ct_multiplier', sa.Integer(), nullable=False),
     sa.Column('tenant_id', sa.Integer(), nullable=True),
-    sa.Column('created_at', webapp.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', payments.base.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['site_id'], ['sites.id'], name=op.f('fk_meters_site_id_sites')),
     sa.ForeignKeyConstraint(['tenant_id'], ['users.id'], name=op.f('fk_meters_tenant_id_users')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_meters')),
@@ -127,7 +127,7 @@ def upgrade() -> None:
     sa.Column('user_id', sa.Integer(), nullable=False),
     sa.Column('issuer', sa.String(length=255), nullable=False),
     sa.Column('subject', sa.String(length=255), nullable=False),
-    sa.Column('created_at', webapp.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', payments.base.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['user_id'], ['users.id'], name=op.f('fk_oidc_identities_user_id_users'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_oidc_identities')),
     sa.UniqueConstraint('issuer', 'subject', name='uq_oidc_identities_issuer_subject')
@@ -139,7 +139,7 @@ def upgrade() -> None:
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('user_id', sa.Integer(), nullable=False),
     sa.Column('code_hash', sa.String(length=64), nullable=False),
-    sa.Column('used_at', webapp.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('used_at', payments.base.UTCDateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['user_id'], ['users.id'], name=op.f('fk_recovery_codes_user_id_users'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_recovery_codes'))
     )
