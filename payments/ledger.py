@@ -38,12 +38,15 @@ from sqlalchemy import (
     Index,
     String,
     UniqueConstraint,
+    delete,
     func,
+    insert,
     select,
     update,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
+from sqlalchemy.orm.attributes import set_committed_value
 
 from payments.base import Base, UTCDateTime, utcnow
 from payments.money import CurrencyMismatch, Money, check_currency
@@ -193,9 +196,10 @@ def post(
     description: str,
     postings: Iterable[tuple[LedgerAccount, Money]],
     reference: str | None = None,
-) -> JournalEntry:
+) -> int:
     """Book one balanced entry (debits positive, credits negative) exactly once per ``idempotency_key``.
 
+    Returns the entry's id (the first entry's id when the key was used before).
     Raises Unbalanced, CurrencyMismatch, InsufficientFunds or IdempotencyConflict;
     in every failure case nothing is written (the caller's transaction may go on).
     """
@@ -213,31 +217,50 @@ def post(
     if any(totals.values()):
         raise Unbalanced(f"postings do not sum to zero: {dict(totals)}")
 
-    existing = s.scalar(select(JournalEntry).where(JournalEntry.idempotency_key == idempotency_key))
-    if existing is not None:
-        return _same_or_conflict(existing, rows)
-    try:
-        with s.begin_nested():
-            entry = JournalEntry(idempotency_key=idempotency_key, description=description, reference=reference)
-            s.add(entry)
-            s.flush()
-            # Guarded balances first, in account-id order, so concurrent entries lock rows in one order (no deadlock).
-            for account_id, delta in sorted(_net(rows).items()):
-                acct = next(a for a, _ in rows if a.id == account_id)
-                if acct.guarded and delta:
-                    _apply_guarded(s, acct, delta)
-            s.add_all(Posting(entry_id=entry.id, account_id=a.id, amount_minor=amt, currency=a.currency) for a, amt in rows)
-            s.flush()
-    except IntegrityError:
-        # Either the key was taken by a concurrent writer, or the CHECK caught an overdraft.
+    # One round trip claims the key: a concurrent writer of the same key waits for ours to
+    # commit and then inserts nothing. No savepoint, no read-before-write on the hot path.
+    entry_id = s.execute(
+        _insert_for(s)(JournalEntry)
+        .values(idempotency_key=idempotency_key, description=description[:200], reference=reference, created_at=utcnow())
+        .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .returning(JournalEntry.id)
+    ).scalar_one_or_none()
+    if entry_id is None:
         existing = s.scalar(select(JournalEntry).where(JournalEntry.idempotency_key == idempotency_key))
-        if existing is not None:
-            return _same_or_conflict(existing, rows)
+        assert existing is not None
+        _same_or_conflict(existing, rows)
+        return existing.id
+    # Guarded balances in account-id order, so concurrent entries lock rows in one order (no deadlock).
+    accounts = {a.id: a for a, _ in rows}
+    applied: list[tuple[LedgerAccount, int]] = []
+    try:
+        for account_id, delta in sorted(_net(rows).items()):
+            if accounts[account_id].guarded and delta:
+                _apply_guarded(s, accounts[account_id], delta)
+                applied.append((accounts[account_id], delta))
+    except InsufficientFunds:
+        # Undo inside the caller's transaction: the entry was never committed, so nobody saw it.
+        for acct, delta in applied:
+            _apply_guarded(s, acct, -delta, check=False)
+        s.execute(delete(JournalEntry).where(JournalEntry.id == entry_id))
         raise
-    return entry
+    s.execute(insert(Posting), [{"entry_id": entry_id, "account_id": a.id, "amount_minor": amt, "currency": a.currency} for a, amt in rows])
+    return entry_id
 
 
-def _apply_guarded(s: Session, acct: LedgerAccount, delta: int) -> None:
+def _insert_for(s: Session):
+    """The dialect's INSERT with ON CONFLICT support (PostgreSQL or SQLite)."""
+    name = s.get_bind().dialect.name
+    if name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    elif name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    else:  # pragma: no cover - we support the two databases above
+        raise LedgerError(f"unsupported database {name}")
+    return dialect_insert
+
+
+def _apply_guarded(s: Session, acct: LedgerAccount, delta: int, *, check: bool = True) -> None:
     """Add ``delta`` to a guarded account's cached balance, refusing to pass its limit (atomically)."""
     stmt = (
         update(LedgerAccount)
@@ -245,15 +268,15 @@ def _apply_guarded(s: Session, acct: LedgerAccount, delta: int) -> None:
         .values(balance_minor=LedgerAccount.balance_minor + delta)
         .returning(LedgerAccount.balance_minor)
     )
-    if delta > 0:  # a debit lowers a credit-normal balance: only then can the limit be passed
+    if check and delta > 0:  # a debit lowers a credit-normal balance: only then can the limit be passed
         stmt = stmt.where(LedgerAccount.balance_minor + delta <= LedgerAccount.overdraft_limit_minor)
     new = s.execute(stmt).scalar_one_or_none()
     if new is None:
         s.refresh(acct, ["balance_minor"])
         short = delta + acct.balance_minor - acct.overdraft_limit_minor
         raise InsufficientFunds(acct, Money(short, acct.currency))
-    acct.balance_minor = new
-    s.expire(acct, ["balance_minor"])  # the identity map must not keep a stale copy
+    # Record the new value without marking the object dirty: a flush must never write an absolute balance.
+    set_committed_value(acct, "balance_minor", new)
 
 
 def _same_or_conflict(entry: JournalEntry, rows: list[tuple[LedgerAccount, int]]) -> JournalEntry:
@@ -290,7 +313,7 @@ def posted_sum(s: Session, acct: LedgerAccount) -> Money:
 
 def transfer(
     s: Session, *, idempotency_key: str, description: str, debit: LedgerAccount, credit: LedgerAccount, amount: Money, reference: str | None = None
-) -> JournalEntry:
+) -> int:
     """Book ``amount`` from ``credit`` to ``debit`` (the common two-posting entry)."""
     if amount.amount <= 0:
         raise LedgerError("a transfer amount must be positive")

@@ -10,6 +10,13 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def init_payments(app: Flask) -> None:
+    """Attach the payment provider named by the configuration (none configured: card payments are off)."""
+    from payments.providers import make_provider
+
+    app.extensions["payment_provider"] = make_provider(app.config) if app.config.get("STRIPE_SECRET_KEY") else None
+
+
 def create_app(config: dict | None = None) -> Flask:
     """Build the app: defaults → environment → overrides → db → login/OAuth → blueprints → errors → headers."""
     from webapp import config as cfg
@@ -42,6 +49,7 @@ def create_app(config: dict | None = None) -> Flask:
     from webapp.auth import init_login
 
     init_login(app)
+    init_payments(app)
 
     from webapp.account import bp as account_bp
     from webapp.api import bp as api_bp

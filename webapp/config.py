@@ -52,6 +52,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("OIDC_CLIENT_ID", "VOLTPAY_OIDC_CLIENT_ID", None, "OpenID Connect client id"),
     Setting("OIDC_CLIENT_SECRET", "VOLTPAY_OIDC_CLIENT_SECRET", None, "OpenID Connect client secret"),
     Setting("OIDC_NAME", "VOLTPAY_OIDC_NAME", "Google", "provider name shown on the sign-in button"),
+    Setting("STRIPE_SECRET_KEY", "VOLTPAY_STRIPE_SECRET_KEY", None, "Stripe secret key (sk_live_… in production); required in production"),
+    Setting("STRIPE_PUBLISHABLE_KEY", "VOLTPAY_STRIPE_PUBLISHABLE_KEY", None, "Stripe publishable key (pk_live_…) used by stripe.js in the browser"),
+    Setting("STRIPE_WEBHOOK_SECRET", "VOLTPAY_STRIPE_WEBHOOK_SECRET", None, "signing secret (whsec_…) of the webhook endpoint https://HOST/webhooks/stripe; required in production"),
+    Setting("STRIPE_API_BASE", "VOLTPAY_STRIPE_API_BASE", None, "Stripe API URL; unset for api.stripe.com, the localstripe URL in the demo"),
+    Setting("STRIPE_JS_URL", "VOLTPAY_STRIPE_JS_URL", "https://js.stripe.com/v3/", "where the browser loads stripe.js (localstripe's copy in the demo)"),
+    Setting("STRIPE_LOCALSTRIPE", "VOLTPAY_STRIPE_LOCALSTRIPE", False, "talk to localstripe: switch on its compatibility adjustments (demo and tests only)", bool),
     Setting("API_TOKEN_DAYS", "VOLTPAY_API_TOKEN_DAYS", 30, "lifetime of API bearer tokens in days", int),
     Setting("LOG_LEVEL", "VOLTPAY_LOG_LEVEL", "INFO", "log level of the JSON logs"),
 )
@@ -89,6 +95,11 @@ def finalize(config: dict[str, object]) -> None:
             missing.append("VOLTPAY_SECRET_KEY (a random string of at least 32 characters)")
         if not config.get("DATABASE_URL"):
             missing.append("VOLTPAY_DATABASE_URL")
+        for key in ("STRIPE_SECRET_KEY", "STRIPE_PUBLISHABLE_KEY", "STRIPE_WEBHOOK_SECRET"):
+            if not config.get(key):
+                missing.append(f"VOLTPAY_{key}")
+        if config.get("STRIPE_LOCALSTRIPE"):
+            raise ConfigError("VOLTPAY_STRIPE_LOCALSTRIPE is for the demo and tests; unset it in production")
         if missing:
             raise ConfigError("Voltpay refuses to start in production without: " + ", ".join(missing))
     if not config.get("DATABASE_URL"):

@@ -23,7 +23,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-import payments.ledger  # noqa: F401  (the money tables share this metadata)
+import payments.cards  # noqa: F401  (the money tables share this metadata)
+import payments.ledger  # noqa: F401
+import payments.wallet  # noqa: F401
+import payments.webhooks  # noqa: F401
 from webapp.db import Base, UTCDateTime, utcnow
 
 
@@ -68,6 +71,7 @@ class User(UserMixin, Base):
     role: Mapped[Role] = mapped_column(_enum(Role, "user_role"), default=Role.CUSTOMER)
     operator_id: Mapped[int | None] = mapped_column(ForeignKey("operators.id"))
     locale: Mapped[str | None] = mapped_column(String(8))
+    currency: Mapped[str] = mapped_column(String(3), default="EUR", server_default="EUR")  # the wallet's currency
     totp_secret: Mapped[str | None] = mapped_column(String(64))
     totp_last_step: Mapped[int | None] = mapped_column(Integer)  # refuses a replayed code
     is_active_account: Mapped[bool] = mapped_column(Boolean, default=True)
@@ -102,6 +106,11 @@ class User(UserMixin, Base):
     def two_factor_enabled(self) -> bool:
         """Whether sign-in asks for an authenticator code."""
         return self.totp_secret is not None
+
+    @property
+    def owner(self) -> str:
+        """How the money domain names this person (wallet owner, payment owner)."""
+        return f"user:{self.id}"
 
     def has_role(self, *roles: Role) -> bool:
         """Whether the user has one of ``roles`` (admins have every role)."""
@@ -256,3 +265,21 @@ class Meter(Base):
 
     site: Mapped[Site] = relationship(back_populates="meters")
     tenant: Mapped[User | None] = relationship()
+
+
+class IdempotencyRecord(Base):
+    """The stored answer to a money-moving API request, replayed for the same Idempotency-Key."""
+
+    __tablename__ = "idempotency_records"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    scope: Mapped[str] = mapped_column(String(80))  # "user:42" or "guest:<client>": keys are per caller
+    key: Mapped[str] = mapped_column(String(255))
+    method: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(String(255))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    status_code: Mapped[int | None] = mapped_column(Integer)  # None while the first request is running
+    response_body: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+    __table_args__ = (UniqueConstraint("scope", "key", name="uq_idempotency_records_scope_key"),)

@@ -16,14 +16,25 @@ def test_production_refuses_missing_secret_and_database(monkeypatch):
     assert "VOLTPAY_SECRET_KEY" in str(e.value) and "VOLTPAY_DATABASE_URL" in str(e.value)
 
 
+PRODUCTION_STRIPE = {"STRIPE_SECRET_KEY": "sk_live_x", "STRIPE_PUBLISHABLE_KEY": "pk_live_x", "STRIPE_WEBHOOK_SECRET": "whsec_x"}
+
+
 def test_production_refuses_short_secret(database_url):
     with pytest.raises(ConfigError) as e:
-        create_app({"ENV": "production", "SECRET_KEY": "short", "DATABASE_URL": database_url})
+        create_app({"ENV": "production", "SECRET_KEY": "short", "DATABASE_URL": database_url, **PRODUCTION_STRIPE})
     assert "VOLTPAY_SECRET_KEY" in str(e.value) and "VOLTPAY_DATABASE_URL" not in str(e.value)
 
 
+def test_production_needs_stripe_keys_and_webhook_secret(database_url):
+    with pytest.raises(ConfigError) as e:
+        create_app({"ENV": "production", "SECRET_KEY": "x" * 40, "DATABASE_URL": database_url, "STRIPE_SECRET_KEY": "sk_live_x"})
+    assert "VOLTPAY_STRIPE_WEBHOOK_SECRET" in str(e.value) and "VOLTPAY_STRIPE_PUBLISHABLE_KEY" in str(e.value)
+    with pytest.raises(ConfigError, match="LOCALSTRIPE"):
+        create_app({"ENV": "production", "SECRET_KEY": "x" * 40, "DATABASE_URL": database_url, **PRODUCTION_STRIPE, "STRIPE_LOCALSTRIPE": True})
+
+
 def test_production_cookies_are_secure(database_url):
-    app = create_app({"ENV": "production", "SECRET_KEY": "x" * 40, "DATABASE_URL": database_url})
+    app = create_app({"ENV": "production", "SECRET_KEY": "x" * 40, "DATABASE_URL": database_url, **PRODUCTION_STRIPE})
     assert app.config["SESSION_COOKIE_SECURE"] and app.config["SESSION_COOKIE_HTTPONLY"]
     assert app.config["SESSION_COOKIE_SAMESITE"] == "Lax"
     assert app.config["SESSION_COOKIE_NAME"].startswith("__Host-")
