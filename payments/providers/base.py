@@ -167,14 +167,15 @@ class PaymentProvider(Protocol):
 
     def authorize(
         self, *, amount: Money, payment_method_id: str, customer_id: str | None, idempotency_key: str,
-        off_session: bool = False, metadata: dict[str, str] | None = None,
+        off_session: bool = False, metadata: dict[str, str] | None = None, description: str | None = None,
     ) -> Payment:
         """Place a hold (manual capture). Returns status REQUIRES_CAPTURE, or REQUIRES_ACTION for 3-D Secure;
-        raises CardDeclined, AuthenticationRequired (off-session), ProviderUnavailable or InvalidRequest."""
+        raises CardDeclined, AuthenticationRequired (off-session), ProviderUnavailable or InvalidRequest.
+        ``description`` is what support sees in the provider's dashboard (no personal data)."""
 
     def charge(
         self, *, amount: Money, payment_method_id: str, customer_id: str | None, idempotency_key: str,
-        off_session: bool = False, metadata: dict[str, str] | None = None,
+        off_session: bool = False, metadata: dict[str, str] | None = None, description: str | None = None,
     ) -> Payment:
         """Take a payment now (automatic capture). Returns SUCCEEDED or REQUIRES_ACTION; raises as authorize."""
 
