@@ -1,6 +1,5 @@
 """Flask extensions, created unbound and attached in ``create_app``."""
 
-from authlib.integrations.flask_client import OAuth
 from flask_babel import Babel
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
@@ -10,6 +9,6 @@ from flask_wtf.csrf import CSRFProtect
 csrf = CSRFProtect()
 babel = Babel()
 login_manager = LoginManager()
-oauth = OAuth()
+# The OpenID Connect client registry is per app, made in webapp.auth.oidc.init_app (authlib caches clients).
 # Limits are declared on the views; storage comes from RATELIMIT_STORAGE_URI (memory:// or Redis).
 limiter = Limiter(key_func=get_remote_address, default_limits=[])
