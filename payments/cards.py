@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 from sqlalchemy import BigInteger, Enum, ForeignKey, String, Text, select
 from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
+from sqlalchemy.orm.attributes import set_committed_value
 
 from payments.base import Base, UTCDateTime, utcnow
 from payments.money import Money
@@ -61,8 +62,8 @@ _RANK = {
     State.CREATED: 0,
     State.REQUIRES_ACTION: 1,
     State.PROCESSING: 2,
-    State.AUTHORIZED: 3,
     State.FAILED: 3,  # a failed attempt may still be retried by the browser (new card, 3DS again)
+    State.AUTHORIZED: 4,  # above FAILED: a late "payment failed" of an earlier attempt never undoes a hold
     State.SUCCEEDED: 9,
     State.CANCELED: 9,
 }
@@ -153,8 +154,11 @@ class PaymentError(Exception):
 
 # Hooks per purpose, called inside the transaction that records the change.
 OnChange = Callable[[Session, CardPayment], None]
+OnRefund = Callable[[Session, CardPayment, "CardRefund"], None]
 _on_succeeded: dict[Purpose, OnChange] = {}
-_on_refunded: dict[Purpose, Callable[[Session, CardPayment, CardRefund], None]] = {}
+_on_refund_prepared: dict[Purpose, OnRefund] = {}
+_on_refunded: dict[Purpose, OnRefund] = {}
+_on_refund_failed: dict[Purpose, OnRefund] = {}
 
 
 def on_succeeded(purpose: Purpose):
@@ -172,6 +176,30 @@ def on_refunded(purpose: Purpose):
 
     def register(fn):
         _on_refunded[purpose] = fn
+        return fn
+
+    return register
+
+
+def on_refund_prepared(purpose: Purpose):
+    """Register what to reserve when a refund of ``purpose`` is prepared (before the provider is asked).
+
+    Raising refuses the refund: nothing of it is left behind (a wallet top-up
+    whose money was spent cannot be refunded).
+    """
+
+    def register(fn):
+        _on_refund_prepared[purpose] = fn
+        return fn
+
+    return register
+
+
+def on_refund_failed(purpose: Purpose):
+    """Register what to give back when the provider refuses a prepared refund of ``purpose``."""
+
+    def register(fn):
+        _on_refund_failed[purpose] = fn
         return fn
 
     return register
@@ -205,15 +233,21 @@ def apply(s: Session, row: CardPayment, p: Payment) -> CardPayment:
     elif row.provider_payment_id != p.id:
         raise PaymentError("provider payment does not belong to this record", "mismatch")
     new = _state_of(p)
+    old = row.state
+    if old in FINAL or _RANK[new] < _RANK[old]:
+        return row  # late or out-of-order news: nothing moves backwards (not even the failure reason)
+    if new == State.SUCCEEDED and row.manual_capture and not p.amount_captured:
+        # A snapshot that does not say how much of the hold was taken: booking the whole hold could book
+        # money never captured. Leave the record as it is; ``refresh`` (the provider's truth) settles it.
+        return row
     row.payment_method_id = p.payment_method_id or row.payment_method_id
     row.card_brand = p.card_brand or row.card_brand
     row.card_last4 = p.card_last4 or row.card_last4
     if new == State.FAILED:
         row.failure_code = p.failure_code or row.failure_code or "payment_failed"
         row.failure_message = p.failure_message or row.failure_message
-    old = row.state
-    if old in FINAL or _RANK[new] < _RANK[old]:
-        return row  # late or out-of-order news: nothing moves backwards
+    elif new == State.SUCCEEDED:
+        row.failure_code = row.failure_message = None  # an earlier failed attempt of this payment is history
     row.state = new
     if new == State.SUCCEEDED and old != State.SUCCEEDED:
         row.captured_minor = p.amount_captured.amount or p.amount.amount
@@ -243,11 +277,17 @@ def create(
 def submit(s: Session, provider: PaymentProvider, row: CardPayment, *, off_session: bool = False) -> CardPayment:
     """Send a created payment to the provider (hold or charge) and record the answer.
 
-    Provider errors propagate after the record is marked failed (declined) or
-    left as is (unavailable: the reconciliation job will ask again).
+    Provider errors propagate after the record is marked failed (declined, or
+    refused as invalid so nothing was created) or left as is (unavailable: the
+    reconciliation job will ask again).
     """
-    from payments.providers.base import CardDeclined
+    from payments.providers.base import CardDeclined, InvalidRequest
 
+    if row.provider_payment_id is not None:
+        # Sent before: ask, never create again (localstripe ignores idempotency keys: a second create is a second payment).
+        return refresh(s, provider, row)
+    if row.state != State.CREATED:
+        return row  # failed before reaching the provider, or released: nothing to send
     call = provider.authorize if row.manual_capture else provider.charge
     metadata = {"voltpay_payment": str(row.id), "purpose": row.purpose.value, "reference": row.reference}
     try:
@@ -262,6 +302,17 @@ def submit(s: Session, provider: PaymentProvider, row: CardPayment, *, off_sessi
         row.failure_code = e.reason
         row.failure_message = e.message
         s.flush()
+        raise
+    except InvalidRequest as e:
+        if e.payment is not None:
+            apply(s, row, e.payment)
+        elif row.provider_payment_id is None and row.state == State.CREATED:
+            # The provider refused the request itself (unknown card, bad amount): asking again
+            # with the same parameters gets the same answer, so this attempt is over.
+            row.state = State.FAILED
+            row.failure_code = e.code
+            row.failure_message = e.message
+            s.flush()
         raise
     except ProviderError as e:
         if e.payment is not None:
@@ -310,7 +361,9 @@ def prepare_refund(s: Session, row: CardPayment, amount: Money, *, reason: str, 
 
     The payment row must be locked (``lock``): the reservation raises
     ``refunded_minor`` at once, so two concurrent refunds cannot both pass the
-    check. The same idempotency key returns the same refund.
+    check. The same idempotency key returns the same refund. The purpose's
+    ``on_refund_prepared`` hook runs in one savepoint with the reservation:
+    when it refuses (raises), nothing of the refund is left behind.
     """
     existing = s.scalar(select(CardRefund).where(CardRefund.idempotency_key == idempotency_key))
     if existing is not None:
@@ -323,10 +376,22 @@ def prepare_refund(s: Session, row: CardPayment, amount: Money, *, reason: str, 
         raise PaymentError("the refund must be a positive amount in the payment's currency", "refund_invalid")
     if amount.amount > row.refundable.amount:
         raise PaymentError(f"at most {row.refundable} can still be refunded", "refund_exceeds_captured")
+    hook = _on_refund_prepared.get(row.purpose)
+    refunded_before = row.refunded_minor
     rf = CardRefund(payment_id=row.id, amount_minor=amount.amount, reason=reason[:200], idempotency_key=idempotency_key)
-    s.add(rf)
-    row.refunded_minor += amount.amount
-    s.flush()
+    try:
+        with s.begin_nested():
+            s.add(rf)
+            row.refunded_minor = refunded_before + amount.amount
+            s.flush()
+            if hook is not None:
+                hook(s, row, rf)
+    except Exception:
+        # The savepoint is rolled back; make the objects say so too.
+        if rf in s:
+            s.expunge(rf)
+        set_committed_value(row, "refunded_minor", refunded_before)
+        raise
     return rf
 
 
@@ -342,8 +407,11 @@ def send_refund(s: Session, provider: PaymentProvider, rf: CardRefund) -> CardRe
     except InvalidRequest:
         rf.status = "failed"
         row.refunded_minor -= rf.amount_minor
+        given_back = _on_refund_failed.get(row.purpose)
+        if given_back is not None:
+            given_back(s, row, rf)
         s.flush()
-        raise
+        raise  # the caller commits: the refund stays failed and its reservation is given back
     rf.provider_refund_id = result.id
     rf.status = "succeeded" if result.status in ("succeeded", "pending") else result.status
     hook = _on_refunded.get(row.purpose)
@@ -366,4 +434,7 @@ def stale(s: Session, older_than: dt.timedelta, limit: int = 200) -> list[CardPa
     )
 
 
-__all__ = ["CardPayment", "CardRefund", "PaymentError", "Purpose", "State", "apply", "capture", "create", "lock", "on_refunded", "on_succeeded", "prepare_refund", "refresh", "release", "send_refund", "stale", "submit"]
+__all__ = [
+    "CardPayment", "CardRefund", "PaymentError", "Purpose", "State", "apply", "capture", "create", "lock", "on_refund_failed",
+    "on_refund_prepared", "on_refunded", "on_succeeded", "prepare_refund", "refresh", "release", "send_refund", "stale", "submit",
+]

@@ -3,7 +3,9 @@
 Ledger entries (debit first):
 
 * top-up captured:       provider clearing  →  customer wallet
-* top-up refunded:       customer wallet    →  provider clearing
+* top-up refund prepared: customer wallet   →  refunds payable (before the provider is asked)
+* top-up refund sent:    refunds payable    →  provider clearing
+* top-up refund refused: refunds payable    →  customer wallet (the reservation comes back)
 * hold for a session:    customer wallet    →  wallet hold
 * hold captured:         wallet hold        →  revenue (captured part) and back to the wallet (the rest)
 * hold released:         wallet hold        →  customer wallet
@@ -11,6 +13,13 @@ Ledger entries (debit first):
 A wallet is owned by ``user:<id>`` and has one currency. Keys are derived
 from the cause (``card_payment:<id>:credit``, ``session:<id>:hold``), so no
 cause books twice.
+
+A top-up refund takes the money out of the wallet when it is prepared, under
+the wallet's guarded balance (so money already spent, or being spent at the
+same moment, can never be refunded to the card as well), and only then is
+the provider asked. A hold is settled once: its capture and its release
+share the key ``<key>:settle``, so a hold cannot be both captured and
+released, and the amount settled is checked against the hold's own entry.
 """
 
 from __future__ import annotations
@@ -26,7 +35,17 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from payments import cards
 from payments.base import Base, UTCDateTime, utcnow
 from payments.cards import CardPayment, CardRefund, Purpose
-from payments.ledger import AccountKind, InsufficientFunds, LedgerAccount, balance, get_account, post, transfer
+from payments.ledger import (
+    AccountKind,
+    IdempotencyConflict,
+    JournalEntry,
+    LedgerAccount,
+    LedgerError,
+    balance,
+    get_account,
+    post,
+    transfer,
+)
 from payments.money import Money, to_minor
 from payments.providers.base import PaymentProvider
 
@@ -84,6 +103,11 @@ def customer_id(s: Session, provider: PaymentProvider, *, owner: str, email: str
     return cid
 
 
+def known_customer_id(s: Session, owner: str) -> str | None:
+    """The provider customer id of ``owner`` if one was created (never calls the provider)."""
+    return s.scalar(select(PaymentCustomer.provider_customer_id).where(PaymentCustomer.owner == owner))
+
+
 def wallet(s: Session, owner: str, currency: str) -> LedgerAccount:
     """The customer's wallet account in ``currency``."""
     return get_account(s, AccountKind.CUSTOMER_WALLET, currency, owner)
@@ -138,19 +162,45 @@ def _credit_top_up(s: Session, row: CardPayment) -> None:
     )
 
 
+def _refunds_payable(s: Session, currency: str) -> LedgerAccount:
+    return get_account(s, AccountKind.REFUNDS_PAYABLE, currency)
+
+
+@cards.on_refund_prepared(Purpose.WALLET_TOP_UP)
+def _reserve_top_up_refund(s: Session, row: CardPayment, rf: CardRefund) -> None:
+    # The wallet is guarded: the debit and the balance check are one statement (InsufficientFunds when spent).
+    transfer(
+        s, idempotency_key=f"card_refund:{rf.id}:reserve", description="Top-up refund", reference=f"card_payment:{row.id}",
+        debit=wallet(s, row.reference, row.currency), credit=_refunds_payable(s, row.currency), amount=Money(rf.amount_minor, row.currency),
+    )
+
+
 @cards.on_refunded(Purpose.WALLET_TOP_UP)
-def _debit_refunded_top_up(s: Session, row: CardPayment, rf: CardRefund) -> None:
-    clearing = get_account(s, AccountKind.PROVIDER_CLEARING, row.currency)
+def _book_refunded_top_up(s: Session, row: CardPayment, rf: CardRefund) -> None:
     transfer(
         s, idempotency_key=f"card_refund:{rf.id}:book", description="Top-up refunded", reference=f"card_payment:{row.id}",
-        debit=wallet(s, row.reference, row.currency), credit=clearing, amount=rf.amount,
+        debit=_refunds_payable(s, row.currency), credit=get_account(s, AccountKind.PROVIDER_CLEARING, row.currency),
+        amount=Money(rf.amount_minor, row.currency),
+    )
+
+
+@cards.on_refund_failed(Purpose.WALLET_TOP_UP)
+def _return_refused_top_up_refund(s: Session, row: CardPayment, rf: CardRefund) -> None:
+    transfer(
+        s, idempotency_key=f"card_refund:{rf.id}:return", description="Top-up refund failed", reference=f"card_payment:{row.id}",
+        debit=_refunds_payable(s, row.currency), credit=wallet(s, row.reference, row.currency), amount=Money(rf.amount_minor, row.currency),
     )
 
 
 def prepare_top_up_refund(s: Session, row: CardPayment, amount: Money, *, reason: str, idempotency_key: str) -> CardRefund:
-    """Reserve a refund of a top-up; refused when the wallet no longer holds that much (it was spent)."""
-    if wallet_balance(s, row.reference, row.currency) < amount:
-        raise InsufficientFunds(wallet(s, row.reference, row.currency), amount - wallet_balance(s, row.reference, row.currency))
+    """Reserve a refund of a top-up (row locked with ``cards.lock``); the caller commits, then ``cards.send_refund``.
+
+    The amount leaves the wallet at once; raises InsufficientFunds (nothing
+    reserved) when the wallet no longer holds it because it was spent, and
+    PaymentError as ``cards.prepare_refund`` does.
+    """
+    if row.purpose != Purpose.WALLET_TOP_UP:
+        raise cards.PaymentError("this payment is not a wallet top-up", "not_a_top_up")
     return cards.prepare_refund(s, row, amount, reason=reason, idempotency_key=idempotency_key)
 
 
@@ -165,22 +215,43 @@ def hold(s: Session, *, owner: str, amount: Money, key: str) -> None:
     )
 
 
+def _check_hold(s: Session, *, owner: str, held_amount: Money, key: str) -> LedgerAccount:
+    """The owner's hold account, after checking that the hold ``key`` exists and reserved exactly ``held_amount``.
+
+    The hold account is shared by all of the owner's sessions: settling more
+    than this hold reserved would take another session's money.
+    """
+    hold_acct = get_account(s, AccountKind.WALLET_HOLD, held_amount.currency, owner)
+    entry = s.scalar(select(JournalEntry).where(JournalEntry.idempotency_key == f"{key}:hold"))
+    if entry is None:
+        raise LedgerError(f"there is no wallet hold {key!r}")
+    reserved = -sum(p.amount_minor for p in entry.postings if p.account_id == hold_acct.id)
+    if reserved != held_amount.amount:
+        raise ValueError(f"the hold {key!r} reserved {Money(reserved, held_amount.currency)}, not {held_amount}")
+    return hold_acct
+
+
+def _settle(s: Session, *, key: str, description: str, postings: list[tuple[LedgerAccount, Money]]) -> None:
+    try:
+        post(s, idempotency_key=f"{key}:settle", description=description, reference=key, postings=postings)
+    except IdempotencyConflict:
+        raise IdempotencyConflict(f"the hold {key!r} was already settled otherwise (captured or released)") from None
+
+
 def capture_hold(s: Session, *, owner: str, held_amount: Money, amount: Money, key: str) -> None:
-    """Take ``amount`` (≤ the hold) as revenue and give the rest back to the wallet, in one entry."""
+    """Take ``amount`` (≤ the hold) as revenue and give the rest back to the wallet, in one entry, once."""
     if not Money.zero(amount.currency) <= amount <= held_amount:
         raise ValueError("capture must be between zero and the hold")
-    hold_acct = get_account(s, AccountKind.WALLET_HOLD, amount.currency, owner)
+    hold_acct = _check_hold(s, owner=owner, held_amount=held_amount, key=key)
     postings = [(hold_acct, held_amount)]
     if amount.amount:
         postings.append((get_account(s, AccountKind.REVENUE, amount.currency), -amount))
     if (held_amount - amount).amount:
         postings.append((wallet(s, owner, amount.currency), -(held_amount - amount)))
-    post(s, idempotency_key=f"{key}:capture", description="Charging paid from wallet", reference=key, postings=postings)
+    _settle(s, key=key, description="Charging paid from wallet", postings=postings)
 
 
 def release_hold(s: Session, *, owner: str, amount: Money, key: str) -> None:
-    """Give a reserved amount back to the wallet."""
-    transfer(
-        s, idempotency_key=f"{key}:release", description="Reservation released", reference=key,
-        debit=get_account(s, AccountKind.WALLET_HOLD, amount.currency, owner), credit=wallet(s, owner, amount.currency), amount=amount,
-    )
+    """Give the whole reserved ``amount`` back to the wallet, once (refused after a capture of the same hold)."""
+    hold_acct = _check_hold(s, owner=owner, held_amount=amount, key=key)
+    _settle(s, key=key, description="Reservation released", postings=[(hold_acct, amount), (wallet(s, owner, amount.currency), -amount)])

@@ -200,40 +200,14 @@ LOCALSTRIPE_CONFIG = {
 
 @pytest.fixture(scope="session")
 def localstripe_url():
-    """localstripe for the whole run: in memory, on a free 127.0.0.1 port (tests/localstripe_server.py)."""
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    """localstripe for the whole run: in memory, on a free 127.0.0.1 port (webapp/devtools/localstripe_server.py, as in the demo)."""
+    from webapp.devtools import localstripe_server
 
-    proc = subprocess.Popen([sys.executable, str(HERE / "localstripe_server.py"), "0"], stdout=subprocess.PIPE, text=True)
+    proc, url = localstripe_server.start()
     try:
-        line = proc.stdout.readline().strip()
-        if not line.isdigit():
-            raise RuntimeError(f"localstripe did not start (printed {line!r}; see its stderr above)")
-        url = f"http://127.0.0.1:{int(line)}"
-        deadline = time.monotonic() + 10
-        while True:  # the socket listens before the port is printed: wait for the app to answer the (auth-free) stripe.js
-            try:
-                urllib.request.urlopen(url + "/js.stripe.com/v3/", timeout=max(0.1, deadline - time.monotonic())).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("localstripe did not answer within 10 s") from None
-                try:
-                    proc.wait(timeout=0.05)  # doubles as the pause between tries
-                except subprocess.TimeoutExpired:
-                    continue
-                raise RuntimeError(f"localstripe exited with status {proc.returncode}") from None
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
+        localstripe_server.stop(proc)
 
 
 @pytest.fixture
@@ -242,7 +216,7 @@ def stripe_config(localstripe_url) -> dict:
     import urllib.request
 
     urllib.request.urlopen(urllib.request.Request(localstripe_url + "/_config/data", method="DELETE"), timeout=10).close()
-    return {**LOCALSTRIPE_CONFIG, "STRIPE_API_BASE": localstripe_url}
+    return {**LOCALSTRIPE_CONFIG, "STRIPE_API_BASE": localstripe_url, "STRIPE_JS_URL": localstripe_url + "/js.stripe.com/v3/"}
 
 
 @pytest.fixture

@@ -55,12 +55,17 @@ def create_app(config: dict | None = None) -> Flask:
     from webapp.api import bp as api_bp
     from webapp.auth import bp as auth_bp
     from webapp.main import bp as main_bp
+    from webapp.wallet import bp as wallet_bp
+    from webapp.webhooks import bp as webhooks_bp
 
     app.register_blueprint(main_bp)
     app.register_blueprint(auth_bp)
     app.register_blueprint(account_bp)
+    app.register_blueprint(wallet_bp)
     app.register_blueprint(api_bp)
+    app.register_blueprint(webhooks_bp)
     csrf.exempt(api_bp)  # bearer tokens only, never cookies: nothing for a forged form to ride on
+    csrf.exempt(webhooks_bp)  # signed by Stripe, no cookies: the signature is the check
 
     errors.init_app(app)
     security.init_app(app)

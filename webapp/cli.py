@@ -46,11 +46,17 @@ def register(app: Flask) -> None:
     @click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True)
     def create_admin(email: str, password: str) -> None:
         """Create an admin account (or make an existing account admin)."""
+        from email_validator import EmailNotValidError, validate_email
+
         from webapp.auth.passwords import hash_password, password_problems
         from webapp.db import session_factory, utcnow
         from webapp.models import Role, User
 
         email = email.strip().lower()
+        try:
+            validate_email(email, check_deliverability=False)
+        except EmailNotValidError as e:
+            raise click.ClickException(f"{email!r} is not an email address: {e}") from None
         problems = password_problems(password, email)
         if problems:
             raise click.ClickException(" ".join(problems))
@@ -59,6 +65,8 @@ def register(app: Flask) -> None:
             if user is None:
                 user = User(email=email)
                 s.add(user)
+            elif user.password_hash:
+                user.session_version += 1  # a new password signs out the account's other sessions
             user.password_hash = hash_password(password)
             user.role = Role.ADMIN
             user.email_verified_at = user.email_verified_at or utcnow()
@@ -71,17 +79,12 @@ def register(app: Flask) -> None:
         from webapp.seed import seed
 
         with session_factory().begin() as s:
-            created = seed(s, password_factory=lambda: secrets.token_urlsafe(9))
+            created = seed(s, password_factory=_demo_password)
         if not created:
             click.echo("demo data already present; nothing changed")
             return
-        base = current_app.config["BASE_URL"].rstrip("/")
         click.echo("\nVoltpay demo is seeded. Accounts (passwords shown once):")
-        for role, email, password in created["accounts"]:
-            click.echo(f"  {role:<10} {email:<28} {password}")
-        click.echo(f"\nOpen {base}/ on your phone-sized window and sign in, or sign up with any address.")
-        click.echo("Connector codes: " + ", ".join(created["connectors"]))
-        click.echo("Meter codes:     " + ", ".join(created["meters"]))
+        _echo_demo(created, current_app.config["BASE_URL"])
 
     @app.cli.command("worker")
     @click.option("--workers", default=2, show_default=True, help="Worker threads.")
@@ -94,50 +97,125 @@ def register(app: Flask) -> None:
     _demo_command(app)
 
 
+def _demo_password() -> str:
+    """A random password for a demo account that the password rules accept."""
+    from webapp.auth.passwords import password_problems
+
+    while True:
+        password = secrets.token_urlsafe(12)
+        if not password_problems(password):
+            return password
+
+
+def _echo_demo(created: dict, base_url: str) -> None:
+    """Print the demo accounts with their passwords, the pages to open and the codes to try."""
+    base = base_url.rstrip("/")
+    for role, email, password in created["accounts"]:
+        click.echo(f"  {role:<10} {email:<28} {password}")
+    click.echo(f"\nOpen {base}/ in a phone-sized window: sign in at {base}/auth/sign-in, or sign up at {base}/auth/sign-up with any address.")
+    click.echo("Connector codes: " + ", ".join(created["connectors"]))
+    click.echo("Meter codes:     " + ", ".join(created["meters"]))
+
+
+DEMO_CARDS = (
+    ("4242 4242 4242 4242", "pays"),
+    ("4000 0000 0000 0341", "is declined when charged"),
+    ("4000 0025 0000 3155", "asks for 3-D Secure (a dialog: complete or fail it)"),
+)
+
+
+def _demo_stripe_env(stripe_url: str) -> dict[str, str]:
+    """VOLTPAY_STRIPE_* for the demo's processes: test keys, localstripe's API and stripe.js, a fresh webhook secret."""
+    return {
+        "VOLTPAY_STRIPE_SECRET_KEY": "sk_test_voltpay_demo",
+        "VOLTPAY_STRIPE_PUBLISHABLE_KEY": "pk_test_voltpay_demo",
+        "VOLTPAY_STRIPE_WEBHOOK_SECRET": "whsec_" + secrets.token_hex(16),
+        "VOLTPAY_STRIPE_API_BASE": stripe_url,
+        "VOLTPAY_STRIPE_JS_URL": stripe_url + "/js.stripe.com/v3/",
+        "VOLTPAY_STRIPE_LOCALSTRIPE": "1",
+    }
+
+
 def _interrupt(*_args) -> None:
-    """Turn SIGTERM into the same clean shutdown as Ctrl-C."""
+    """Turn SIGINT and SIGTERM into the same clean shutdown (even where SIGINT was inherited as ignored)."""
     raise KeyboardInterrupt
 
 
 def _demo_command(app: Flask) -> None:
     @app.cli.command("demo")
     @click.option("--port", default=8000, show_default=True, help="Port of the web server.")
-    def demo(port: int) -> None:
-        """Run the whole demo on this machine: migrate, seed, worker and web server (Ctrl-C stops all)."""
+    @click.option("--web-workers", default=2, show_default=True, help="Gunicorn worker processes.")
+    def demo(port: int, web_workers: int) -> None:
+        """Run the whole demo on this machine: migrate, seed, localstripe, worker and web server (Ctrl-C stops all)."""
         import os
         import signal
         import subprocess
         import sys
         import time
 
-        from alembic import command
+        from webapp.db import session_factory
+        from webapp.devtools import localstripe_server
+        from webapp.seed import reset_demo_passwords, seed
 
-        command.upgrade(alembic_config(current_app.config["DATABASE_URL"]), "head")
-        ctx = click.get_current_context()
-        ctx.invoke(app.cli.commands["seed-demo"])
-        env = dict(os.environ, VOLTPAY_ENV=os.environ.get("VOLTPAY_ENV", "development"), VOLTPAY_BASE_URL=f"http://127.0.0.1:{port}")
-        bindir = Path(sys.executable).parent
-        procs = [
-            subprocess.Popen([str(bindir / "flask"), "--app", "wsgi", "worker"], cwd=ROOT, env=env),
-            subprocess.Popen(
-                [str(bindir / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "2", "--threads", "4", "--access-logfile", "-", "wsgi:app"],
-                cwd=ROOT,
-                env=env,
-            ),
-        ]
-        click.echo(f"\nVoltpay demo running. Open http://127.0.0.1:{port}/ (phone-sized window). Emails are printed in this log. Ctrl-C stops.\n")
+        base = f"http://127.0.0.1:{port}"
+        current_app.config["BASE_URL"] = base
+        migrate_to_head(current_app.config["DATABASE_URL"])
+        env = dict(os.environ, VOLTPAY_ENV=os.environ.get("VOLTPAY_ENV", "development"), VOLTPAY_BASE_URL=base)
+        gunicorn = ["--bind", f"127.0.0.1:{port}", "--workers", str(web_workers), "--threads", "4", "--graceful-timeout", "5", "--access-logfile", "-", "--no-control-socket"]
+        commands = {
+            "worker": [sys.executable, "-m", "flask", "--app", "wsgi", "worker"],
+            "web server": [sys.executable, "-m", "gunicorn", *gunicorn, "wsgi:app"],
+        }
+        smtp = current_app.config.get("SMTP_HOST")
+        emails = f"Emails go to {smtp}." if smtp else "Emails are printed in this log."
+        procs: dict[str, subprocess.Popen] = {}
         try:
+            # Ctrl-C reaches the whole process group; SIGTERM (kill, docker stop) reaches only this process.
+            # Both end here in KeyboardInterrupt, and the finally block stops every child either way.
+            signal.signal(signal.SIGINT, _interrupt)
             signal.signal(signal.SIGTERM, _interrupt)
-            while all(p.poll() is None for p in procs):
+            # Card payments go to localstripe (in memory, a free port): the web and worker processes need its URL.
+            try:
+                procs["localstripe"], stripe_url = localstripe_server.start()
+            except RuntimeError as e:
+                raise click.ClickException(f"{e}; demo stopped") from None
+            env.update(_demo_stripe_env(stripe_url))
+            localstripe_server.register_webhook(
+                stripe_url, "voltpay-demo", target=f"{base}/webhooks/stripe", secret=env["VOLTPAY_STRIPE_WEBHOOK_SECRET"],
+            )
+            for name, argv in commands.items():  # they boot while the demo data is written
+                procs[name] = subprocess.Popen(argv, cwd=ROOT, env=env)
+            with session_factory().begin() as s:
+                created = seed(s, password_factory=_demo_password)
+                # Passwords are stored hashed: on a later start, new ones are the only way to show them again.
+                fresh = created is not None
+                created = created or reset_demo_passwords(s, password_factory=_demo_password)
+            click.echo("\nVoltpay demo accounts" + ("" if fresh else " (demo data kept, passwords renewed)") + ":")
+            _echo_demo(created, base)
+            click.echo(f"\nCard payments go to localstripe at {stripe_url} (a test double of Stripe; no real money). Test cards,")
+            click.echo("with any future expiry (month, two-digit year such as 30), any CVC and any postal code:")
+            for number, what in DEMO_CARDS:
+                click.echo(f"  {number}  {what}")
+            click.echo(f"\nVoltpay demo running at {base}/ (health: {base}/healthz, wallet: {base}/wallet). {emails} Ctrl-C stops.\n")
+            while True:
+                for name, p in procs.items():
+                    if p.poll() is not None:
+                        raise click.ClickException(f"the {name} exited (code {p.returncode}); demo stopped")
                 time.sleep(0.5)
         except KeyboardInterrupt:
-            pass
+            click.echo("\nStopping the demo…")
         finally:
-            for p in procs:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the shutdown finish
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            for p in procs.values():
                 if p.poll() is None:
                     p.terminate()
-            for p in procs:
+            deadline = time.monotonic() + 10
+            for p in procs.values():
                 try:
-                    p.wait(timeout=10)
+                    p.wait(timeout=max(deadline - time.monotonic(), 0.1))
                 except subprocess.TimeoutExpired:
                     p.kill()
+                    p.wait()
+                if p.stdout is not None:
+                    p.stdout.close()

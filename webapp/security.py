@@ -7,16 +7,19 @@ from urllib.parse import urlsplit
 from flask import Flask, Response, request
 
 
-def content_security_policy(extra_script_origins: tuple[str, ...] = (), extra_frame_origins: tuple[str, ...] = ()) -> str:
+def content_security_policy(
+    extra_script_origins: tuple[str, ...] = (), extra_frame_origins: tuple[str, ...] = (), extra_connect_origins: tuple[str, ...] | None = None,
+) -> str:
     """Build the CSP: only our own scripts and styles, no inline script, no framing of our pages."""
     script = " ".join(("'self'", *extra_script_origins))
     frame = " ".join(("'self'", *extra_frame_origins))
+    connect = " ".join(("'self'", *(extra_script_origins if extra_connect_origins is None else extra_connect_origins)))
     directives = {
         "default-src": "'self'",
         "script-src": script,
         "style-src": "'self'",
         "img-src": "'self' data:",
-        "connect-src": script,
+        "connect-src": connect,
         "frame-src": frame,
         "font-src": "'self'",
         "object-src": "'none'",
@@ -25,6 +28,9 @@ def content_security_policy(extra_script_origins: tuple[str, ...] = (), extra_fr
         "frame-ancestors": "'none'",
     }
     return "; ".join(f"{k} {v}" for k, v in directives.items())
+
+
+STRIPE_JS_ORIGIN = ("https://js.stripe.com",)
 
 
 def origin_of(url: str | None) -> tuple[str, ...]:
@@ -38,7 +44,12 @@ def origin_of(url: str | None) -> tuple[str, ...]:
 def init_app(app: Flask) -> None:
     """Add the security headers to every response."""
     script_origins = origin_of(app.config.get("STRIPE_JS_URL"))
-    csp = content_security_policy(script_origins, script_origins)
+    frame_origins = connect_origins = script_origins  # localstripe serves its stripe.js and its API from one origin
+    if script_origins == STRIPE_JS_ORIGIN:
+        # stripe.js calls the API and shows 3-D Secure in frames from hooks.stripe.com (Stripe's CSP guide).
+        frame_origins = (*script_origins, "https://hooks.stripe.com")
+        connect_origins = (*script_origins, "https://api.stripe.com")
+    csp = content_security_policy(script_origins, frame_origins, connect_origins)
     production = app.config["ENV"] == "production"
 
     @app.after_request

@@ -48,10 +48,10 @@ DEMO_TOU_TARIFF = """{
 DEMO_TARIFFS = {"DEMO-CP-1": DEMO_SIMPLE_TARIFF, "DEMO-CP-2": DEMO_TOU_TARIFF}
 
 DEMO_ACCOUNTS = (  # (label, email, role)
-    ("driver", "driver@voltpay.test", Role.CUSTOMER),
-    ("tenant", "tenant@voltpay.test", Role.CUSTOMER),
-    ("operator", "operator@voltpay.test", Role.OPERATOR_STAFF),
-    ("support", "support@voltpay.test", Role.SUPPORT),
+    ("driver", "driver@example.com", Role.CUSTOMER),
+    ("tenant", "tenant@example.com", Role.CUSTOMER),
+    ("operator", "operator@example.com", Role.OPERATOR_STAFF),
+    ("support", "support@example.com", Role.SUPPORT),
 )
 
 

@@ -1,10 +1,16 @@
 """Background jobs on the Huey task queue.
 
 One queue for every worker process: Redis when ``VOLTPAY_REDIS_URL`` is set,
-otherwise a SQLite file (``VOLTPAY_HUEY_PATH``). Tests run tasks immediately
-in-process, or start a real consumer. Every job is idempotent: running it
-twice changes nothing the second time, so a retry or a second worker is safe.
-Jobs run inside an app context of the app that configured the queue.
+otherwise a SQLite file (``VOLTPAY_HUEY_PATH``). Outside immediate mode a job
+call only stores the job; the worker (``flask worker``) runs it, so a slow or
+dead SMTP server never holds up a page. Tests run jobs immediately in-process,
+or start a real consumer. Every job is idempotent: running it twice changes
+nothing the second time, so a retry or a second worker is safe. Jobs run inside
+an app context of the app that configured the queue.
+
+A failed job is retried with exponential backoff: the first retry after
+``retry_delay`` seconds, each next one twice as late, never more than
+``MAX_RETRY_DELAY`` apart (10 s, 20 s, 40 s, … 10 min).
 """
 
 from __future__ import annotations
@@ -12,29 +18,41 @@ from __future__ import annotations
 import functools
 import logging
 
-from flask import Flask, current_app, has_app_context
-from huey import Huey, RedisHuey, SqliteHuey  # noqa: F401  (RedisHuey/SqliteHuey documented choices)
+from flask import Flask, has_app_context
+from huey import Huey
 from huey.storage import RedisStorage, SqliteStorage
 
 log = logging.getLogger("voltpay.tasks")
+
+RETRY_BACKOFF = 2  # each retry waits this many times longer than the one before
+MAX_RETRY_DELAY = 600  # seconds; the longest wait between two attempts
 
 huey = Huey("voltpay", storage_class=SqliteStorage, filename=":memory:", utc=True)
 _app: Flask | None = None
 
 
+@huey.pre_execute()
+def _cap_retry_delay(job) -> None:
+    """Keep the backoff bounded: Huey waits ``retry_delay`` after a failure, then multiplies it."""
+    if job.retry_delay and job.retry_delay > MAX_RETRY_DELAY:
+        job.retry_delay = MAX_RETRY_DELAY
+
+
 def configure_queue(config: dict) -> None:
     """Point the shared queue at Redis or the SQLite file named in ``config``; or run tasks inline."""
     if config.get("HUEY_IMMEDIATE"):
-        huey.immediate = True
+        huey.immediate = True  # in-memory storage, jobs run in the caller
         return
-    huey.immediate = False
+    leaving_immediate = huey.immediate
     if config.get("REDIS_URL"):
         huey.storage_class = RedisStorage
         huey.storage_kwargs = {"url": config["REDIS_URL"]}
     else:
         huey.storage_class = SqliteStorage
         huey.storage_kwargs = {"filename": config["HUEY_PATH"]}
-    huey.storage = huey.create_storage()
+    huey.immediate = False  # when leaving immediate mode, Huey builds the storage from the kwargs above
+    if not leaving_immediate:
+        huey.storage = huey.create_storage()
 
 
 def init_app(app: Flask) -> None:
@@ -44,36 +62,55 @@ def init_app(app: Flask) -> None:
     configure_queue(app.config)
 
 
-def task(**kwargs):
-    """Declare a background job that runs inside an app context (retries with backoff by default)."""
-    kwargs.setdefault("retries", 5)
-    kwargs.setdefault("retry_delay", 10)
+def task(retries: int = 5, retry_delay: float = 10, **kwargs):
+    """Declare a background job that runs inside an app context.
+
+    A job that raises is retried up to ``retries`` times, the first time after
+    ``retry_delay`` seconds and then with exponential backoff (see the module
+    docstring). Other keyword arguments go to ``huey.task``.
+    """
+    kwargs.setdefault("retry_backoff", RETRY_BACKOFF)
 
     def decorate(fn):
-        @functools.wraps(fn)
-        def in_context(*a, **kw):
-            if has_app_context():
-                return fn(*a, **kw)
-            if _app is None:
-                raise RuntimeError("the task queue was used before create_app()")
-            with _app.app_context():
-                return fn(*a, **kw)
-
-        return huey.task(**kwargs)(in_context)
+        return huey.task(retries=retries, retry_delay=retry_delay, **kwargs)(_in_app_context(fn))
 
     return decorate
 
 
+def periodic_task(validate_datetime, **kwargs):
+    """Declare a job the worker's scheduler runs on a schedule (``huey.crontab(...)``), inside an app context.
+
+    No retries: the next run comes soon and does the same work, so a periodic
+    job must be idempotent and cheap to repeat.
+    """
+
+    def decorate(fn):
+        return huey.periodic_task(validate_datetime, **kwargs)(_in_app_context(fn))
+
+    return decorate
+
+
+def _in_app_context(fn):
+    """Run ``fn`` in the app context of the app that configured the queue (or the caller's)."""
+
+    @functools.wraps(fn)
+    def in_context(*a, **kw):
+        if has_app_context():
+            return fn(*a, **kw)
+        if _app is None:
+            raise RuntimeError("the task queue was used before create_app()")
+        with _app.app_context():
+            return fn(*a, **kw)
+
+    return in_context
+
+
 def run_worker(workers: int = 2, periodic: bool = True) -> None:
-    """Run the consumer in the foreground (``flask worker``)."""
+    """Run the consumer in the foreground (``flask worker``); Ctrl-C or SIGTERM stops it."""
     # Import the modules that declare tasks so the consumer knows them.
     import webapp.mail  # noqa: F401
+    import webapp.wallet.jobs  # noqa: F401
 
     log.info("worker starting", extra={"workers": workers, "storage": type(huey.storage).__name__})
     consumer = huey.create_consumer(workers=workers, worker_type="thread", periodic=periodic, check_worker_health=True)
     consumer.run()
-
-
-def app() -> Flask:
-    """The app jobs run under (current one when inside a request)."""
-    return current_app._get_current_object() if has_app_context() else _app  # type: ignore[return-value]

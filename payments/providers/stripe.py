@@ -521,10 +521,15 @@ class StripeProvider:
         except (stripe.APIConnectionError, stripe.RateLimitError) as exc:
             raise ProviderUnavailable(self._describe(exc, action), provider_code=exc.code) from None
         except stripe.APIError as exc:
-            if exc.http_status is None or exc.http_status >= 500:
+            # 409: another request with the same idempotency key is in flight; asking again later is right.
+            if exc.http_status is None or exc.http_status >= 500 or exc.http_status == 409:
                 raise ProviderUnavailable(self._describe(exc, action), provider_code=exc.code) from None
             raise ProviderError(self._describe(exc, action), provider_code=exc.code) from None
-        except (stripe.InvalidRequestError, stripe.IdempotencyError) as exc:
+        except stripe.IdempotencyError as exc:
+            # The key was used with other parameters: a bug of ours, and no verdict on the payment (the first
+            # request's fate is unknown), so not InvalidRequest, which callers take as "refused, mark it failed".
+            raise ProviderError(self._describe(exc, action), provider_code=exc.code or "idempotency_error") from None
+        except stripe.InvalidRequestError as exc:
             raise InvalidRequest(self._describe(exc, action), provider_code=exc.code) from None
         except (stripe.AuthenticationError, stripe.PermissionError) as exc:
             raise ProviderError(f"Stripe refused our API key on {action} (check STRIPE_SECRET_KEY)", provider_code=exc.code) from None

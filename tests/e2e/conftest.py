@@ -3,6 +3,7 @@
 The live server runs the very ``app`` object of tests/conftest.py (so the tables it
 truncated are the ones the browser writes to), with CSRF checks on as in production
 and ``BASE_URL`` pointing at the live server, so links in emails open in the browser.
+Card payments go to localstripe, whose stripe.js the pages load (``stripe_config``).
 
 Chromium comes from the system (Debian's ``chromium`` package), not from
 ``playwright install``: set ``VOLTPAY_CHROMIUM`` to use another binary. Without one,
@@ -60,10 +61,11 @@ def live_socket() -> Iterator[socket.socket]:
 
 
 @pytest.fixture
-def app_config(app_config: dict, live_socket: socket.socket) -> dict:
-    """The shared test settings, with CSRF on (a real browser sends the tokens) and the live URL."""
+def app_config(app_config: dict, stripe_config: dict, live_socket: socket.socket) -> dict:
+    """The shared test settings, with CSRF on (a real browser sends the tokens), the live URL, and card
+    payments on localstripe (emptied for each test), whose stripe.js the pages load (STRIPE_JS_URL)."""
     host, port = live_socket.getsockname()[:2]
-    return {**app_config, "WTF_CSRF_ENABLED": True, "BASE_URL": f"http://{host}:{port}"}
+    return {**app_config, **stripe_config, "WTF_CSRF_ENABLED": True, "BASE_URL": f"http://{host}:{port}"}
 
 
 @dataclass

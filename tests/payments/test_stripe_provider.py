@@ -1,8 +1,8 @@
 """The Stripe provider through the official SDK against localstripe (fixtures in tests/conftest.py).
 
 What the browser does with stripe.js (turn a typed card number into a ``pm_...``,
-pass 3-D Secure) is simulated here by calling localstripe directly: raw test card
-numbers exist only in this file, never in our provider.
+pass 3-D Secure) is simulated by calling localstripe directly (tests/stripe_browser.py):
+raw test card numbers exist only in the tests, never in our provider.
 """
 
 from __future__ import annotations
@@ -28,34 +28,8 @@ from payments.providers.base import (
     ProviderUnavailable,
     SignatureError,
 )
-
-VISA = "4242424242424242"
-MASTERCARD = "5555555555554444"  # localstripe calls every card "visa": tell cards apart by last4
-DECLINED_AT_CHARGE = "4000000000000341"
-THREE_D_SECURE = "4000002500003155"
-
-
-# -- what stripe.js and the 3-D Secure page would do in the browser ------------------------------
-
-
-def _post(url: str, form: dict, bearer: str | None = None) -> dict:
-    headers = {"Authorization": f"Bearer {bearer}"} if bearer else {}
-    request = urllib.request.Request(url, data=urllib.parse.urlencode(form).encode(), headers=headers, method="POST")
-    with urllib.request.urlopen(request, timeout=10) as response:
-        body = response.read()
-    return json.loads(body) if body else {}
-
-
-def browser_card(config: dict, number: str) -> str:
-    """A card payment method as stripe.js would create it from what the customer typed: its ``pm_...`` id."""
-    form = {"type": "card", "card[number]": number, "card[exp_month]": "12", "card[exp_year]": "2034", "card[cvc]": "123"}
-    return _post(config["STRIPE_API_BASE"] + "/v1/payment_methods", form, bearer=config["STRIPE_SECRET_KEY"])["id"]
-
-
-def pass_3ds(config: dict, payment_id: str, client_secret: str, success: bool = True) -> None:
-    """The customer completes (or fails) the 3-D Secure challenge in the browser."""
-    url = f"{config['STRIPE_API_BASE']}/v1/payment_intents/{payment_id}/_authenticate?success={'true' if success else 'false'}"
-    _post(url, {"client_secret": client_secret, "key": config["STRIPE_PUBLISHABLE_KEY"]})
+from tests.stripe_browser import DECLINED_AT_CHARGE, MASTERCARD, THREE_D_SECURE, VISA, browser_card, pass_3ds
+from tests.stripe_browser import post_form as _post
 
 
 @pytest.fixture
@@ -546,6 +520,9 @@ def test_real_mode_decline_code_and_authentication_required(stripe_stub, real_mo
     (429, {"type": "invalid_request_error", "code": "rate_limit", "message": "Too many requests"}, ProviderUnavailable),
     (400, {"type": "invalid_request_error", "code": "amount_too_small", "message": "Amount must be at least €0.50 eur"}, InvalidRequest),
     (401, {"type": "invalid_request_error", "message": "Invalid API Key provided: sk_test_stub_secret"}, ProviderError),
+    # Idempotency errors say nothing about the payment itself: never InvalidRequest (which marks a payment failed).
+    (409, {"type": "idempotency_error", "message": "There is currently another in-progress request using this Idempotent Key"}, ProviderUnavailable),
+    (400, {"type": "idempotency_error", "message": "Keys for idempotent requests can only be used with the same parameters"}, ProviderError),
 ])
 def test_real_mode_errors_are_ours_and_hide_the_key(stripe_stub, real_mode_provider, status, error, expected):
     stripe_stub.answers.append((status, {"error": error}))

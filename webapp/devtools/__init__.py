@@ -1,0 +1,1 @@
+"""Tools for the demo and the tests only (never used by a production process)."""
