@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Flask, request, session
+from flask import Flask, has_request_context, request, session
 from flask_babel import format_datetime, format_decimal, get_locale
 from flask_login import current_user
 
@@ -13,15 +13,18 @@ LANGUAGES: dict[str, str] = {"en": "English", "es": "Español", "zh": "简体中
 
 
 def select_locale() -> str:
-    """The account's language, else the picker's (session), else the best Accept-Language match."""
+    """The account's language, else the picker's (session), else the best Accept-Language match.
+
+    Outside a request (CLI commands, worker jobs) there is no user or session: English.
+    """
+    if not has_request_context():
+        return "en"
     if current_user and getattr(current_user, "is_authenticated", False) and current_user.locale in LANGUAGES:
         return current_user.locale
     chosen = session.get("locale")
     if chosen in LANGUAGES:
         return chosen
-    if request:
-        return request.accept_languages.best_match(list(LANGUAGES), default="en") or "en"
-    return "en"
+    return request.accept_languages.best_match(list(LANGUAGES), default="en") or "en"
 
 
 def html_lang() -> str:
