@@ -8,12 +8,14 @@ A 500 rolls the request's session back so no half-done work is committed.
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 from flask import Flask, Response, g, jsonify, render_template, request
 from flask_babel import lazy_gettext as _l
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException
+from werkzeug.http import HTTP_STATUS_CODES
 
 log = logging.getLogger("voltpay.errors")
 
@@ -37,16 +39,29 @@ STATUS_CODES: dict[int, tuple[str, object]] = {
 }
 
 
+def status_code_and_title(status: int) -> tuple[str, object]:
+    """The stable code and title of ``status``; a status without its own entry gets the HTTP reason phrase."""
+    if status in STATUS_CODES:
+        return STATUS_CODES[status]
+    reason = HTTP_STATUS_CODES.get(status, "Error")
+    return re.sub(r"[^a-z]+", "_", reason.lower()).strip("_") or "error", reason
+
+
 class Problem(Exception):
     """An error with a stable code and a human message; rendered as problem+json or a page."""
 
-    def __init__(self, status: int, code: str, detail: str, *, errors: dict[str, str] | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self, status: int, code: str, detail: str, *, errors: dict[str, str] | None = None, headers: dict[str, str] | None = None,
+        extra: dict | None = None,
+    ):
         super().__init__(detail)
         self.status = status
         self.code = code
         self.detail = str(detail)
         self.errors = errors or {}
         self.headers = headers or {}
+        # RFC 9457 extension members a client can act on (e.g. ``decline_reason``), documented per operation.
+        self.extra = extra or {}
 
 
 def wants_json() -> bool:
@@ -57,10 +72,12 @@ def wants_json() -> bool:
     return best in ("application/json", PROBLEM_JSON) and request.accept_mimetypes[best] > request.accept_mimetypes["text/html"]
 
 
-def problem_response(status: int, code: str, detail: str, *, errors: dict | None = None, headers: dict | None = None) -> Response:
-    """Build an RFC 9457 problem+json response."""
-    title = str(STATUS_CODES.get(status, ("error", ""))[1])
-    body = {"type": f"https://voltpay.test/problems/{code}", "title": title, "status": status, "code": code, "detail": detail}
+def problem_response(
+    status: int, code: str, detail: str, *, errors: dict | None = None, headers: dict | None = None, extra: dict | None = None,
+) -> Response:
+    """Build an RFC 9457 problem+json response (``extra``: extension members, never overriding the standard ones)."""
+    title = str(status_code_and_title(status)[1])
+    body = {**(extra or {}), "type": f"https://voltpay.test/problems/{code}", "title": title, "status": status, "code": code, "detail": detail}
     if errors:
         body["errors"] = errors
     if getattr(g, "request_id", None):
@@ -98,7 +115,7 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(Problem)
     def _problem(e: Problem):
         if wants_json():
-            return problem_response(e.status, e.code, e.detail, errors=e.errors, headers=e.headers)
+            return problem_response(e.status, e.code, e.detail, errors=e.errors, headers=e.headers, extra=e.extra)
         return _page(e.status, e.detail, e.headers, errors=e.errors)
 
     @app.errorhandler(CSRFError)
@@ -111,7 +128,7 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http(e: HTTPException):
         status = e.code or 500
-        code, title = STATUS_CODES.get(status, ("error", e.name))
+        code, title = status_code_and_title(status)
         headers = {}
         retry = _retry_after() if status == 429 else None  # flask-limiter sets the Retry-After header
         if status == 405 and e.get_response().headers.get("Allow"):

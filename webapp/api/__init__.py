@@ -27,20 +27,66 @@ bp = Blueprint("api", __name__, url_prefix="/api/v1")
 TOKEN_PREFIX = "vp_"
 
 
+_NO_JSON = object()
+
+
+def request_json() -> object:
+    """The request body parsed as JSON (cached), or ``None`` when it is not JSON at all.
+
+    Parsing never raises for odd input: a body nested so deeply that the parser
+    gives up (``[[[[...``) counts as not JSON, like any other malformed body. A
+    body over ``MAX_CONTENT_LENGTH`` still raises 413.
+    """
+    cached = g.get("api_json", _NO_JSON)
+    if cached is not _NO_JSON:
+        return cached
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:
+        body = None
+    g.api_json = body
+    return body
+
+
+def is_text(value: object) -> bool:
+    """Whether ``value`` is a string that can be stored and hashed: UTF-8 encodable, without NUL."""
+    if not isinstance(value, str) or "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates, which JSON's \ud800 escapes can smuggle in
+        return False
+    return True
+
+
 def json_body(required: tuple[str, ...] = ()) -> dict:
     """The request's JSON object, or a 415/422 problem a client can act on."""
     if not request.is_json:
         raise Problem(415, "unsupported_media_type", _("Send a JSON object with Content-Type: application/json."))
-    body = request.get_json(silent=True)
+    body = request_json()
     if not isinstance(body, dict):
         raise Problem(422, "invalid_json", _("The body must be a JSON object."))
     errors = {}
     for field in required:
         if not isinstance(body.get(field), str) or not body.get(field):
             errors[field] = _("This field is required and must be a string.")
+        elif not is_text(body[field]):
+            errors[field] = _("Some of the data is not valid.")
     if errors:
-        raise Problem(422, "invalid_request", _("Some fields are missing or not valid."), errors=errors)
+        raise invalid(errors)
     return body
+
+
+def invalid(errors: dict[str, str]) -> Problem:
+    """A 422 problem naming the fields that are missing or not valid."""
+    return Problem(422, "invalid_request", _("Some fields are missing or not valid."), errors=errors)
+
+
+def no_content():
+    """An empty 204 answer (without the default text/html Content-Type)."""
+    resp = current_app.response_class(status=204)
+    del resp.headers["Content-Type"]
+    return resp
 
 
 def _unauthenticated(detail: str, code: str = "unauthenticated") -> Problem:
@@ -92,7 +138,7 @@ def token_json(token: ApiToken, secret: str | None = None) -> dict:
 
 
 def _email_key() -> str:
-    body = request.get_json(silent=True)
+    body = request_json()
     email = body.get("email") if isinstance(body, dict) else None
     return "api-email:" + (email.strip().lower() if isinstance(email, str) else "")
 
@@ -104,12 +150,19 @@ def issue_token():
     """Exchange email, password (and a TOTP code when enabled) for a bearer token."""
     body = json_body(required=("email", "password"))
     email = body["email"].strip().lower()
+    errors = {}
     name = body.get("name", "")
     if not isinstance(name, str) or len(name) > 100:
-        raise Problem(422, "invalid_request", _("Some fields are missing or not valid."), errors={"name": _("At most 100 characters.")})
+        errors["name"] = _("At most 100 characters.")
+    elif not is_text(name):
+        errors["name"] = _("Some of the data is not valid.")
     code = body.get("totp_code")
     if code is not None and not isinstance(code, str):
-        raise Problem(422, "invalid_request", _("Some fields are missing or not valid."), errors={"totp_code": _("Send the code as a string.")})
+        errors["totp_code"] = _("Send the code as a string.")
+    elif code is not None and not is_text(code):
+        errors["totp_code"] = _("Some of the data is not valid.")
+    if errors:
+        raise invalid(errors)
     s = db_session()
     user = s.scalar(select(User).where(User.email == email))
     if not verify_password(user.password_hash if user else None, body["password"]) or user is None or not user.is_active:
@@ -143,7 +196,7 @@ def revoke_current_token():
     """Revoke the token used for this request (sign out of the API)."""
     g.api_token.revoked_at = utcnow()
     db_session().commit()
-    return "", 204
+    return no_content()
 
 
 @bp.route("/auth/tokens", methods=["GET"])
@@ -158,7 +211,8 @@ def list_tokens():
     return jsonify(data=[token_json(t) for t in rows])
 
 
-@bp.route("/auth/tokens/<int:token_id>", methods=["DELETE"])
+# Ids beyond the database integer range cannot exist: the converter answers 404 before a query overflows.
+@bp.route("/auth/tokens/<int(max=2147483647):token_id>", methods=["DELETE"])
 @token_required
 def revoke_token(token_id: int):
     """Revoke one of the user's tokens; another user's token is 404."""
@@ -169,7 +223,7 @@ def revoke_token(token_id: int):
     if token.revoked_at is None:
         token.revoked_at = utcnow()
         s.commit()
-    return "", 204
+    return no_content()
 
 
 @bp.route("/me", methods=["GET"])
@@ -194,3 +248,9 @@ def openapi():
     from webapp.api.openapi import document
 
     return jsonify(document())
+
+
+# The wallet and payment-method routes live in their own module, on this blueprint.
+from webapp.api import wallet as _wallet_routes  # noqa: E402,F401
+# The public connector look-up (prices before paying) too.
+from webapp.api import connectors as _connector_routes  # noqa: E402,F401

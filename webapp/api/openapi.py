@@ -5,50 +5,80 @@ from __future__ import annotations
 from flask import current_app
 
 
-def _problem(description: str) -> dict:
-    return {"description": description, "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+def _problem(description: str, headers: dict | None = None) -> dict:
+    out = {"description": description, "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+    if headers:
+        out["headers"] = headers
+    return out
 
 
 def _json(schema_ref: str, description: str) -> dict:
     return {"description": description, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_ref}"}}}}
 
 
-COMMON_ERRORS = {
-    "401": _problem("Missing, unknown, revoked or expired token"),
-    "429": _problem("Too many requests; see Retry-After"),
+HEADERS = {
+    "WWW-Authenticate": {
+        "description": "The bearer challenge (RFC 6750)",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^Bearer "},
+    },
+    "Retry-After": {
+        "description": "Seconds to wait before trying again",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 0},
+    },
 }
+
+
+def _unauthorized(description: str) -> dict:
+    return _problem(description, {"WWW-Authenticate": {"$ref": "#/components/headers/WWW-Authenticate"}})
+
+
+COMMON_ERRORS = {
+    "401": _unauthorized("Missing or malformed Authorization header (`unauthenticated`); unknown, revoked or expired token (`invalid_token`)"),
+}
+
+# Text fields are stored or hashed as UTF-8 text; a NUL character is refused with 422.
+NO_NUL = "^[^\\x00]*$"
 
 SCHEMAS = {
     "Problem": {
         "type": "object",
         "description": "RFC 9457 problem details; `code` is stable and meant for programs.",
         "required": ["type", "title", "status", "code", "detail"],
+        "additionalProperties": False,
         "properties": {
-            "type": {"type": "string"},
+            "type": {"type": "string", "format": "uri"},
             "title": {"type": "string"},
-            "status": {"type": "integer"},
-            "code": {"type": "string"},
+            "status": {"type": "integer", "minimum": 400, "maximum": 599},
+            "code": {"type": "string", "pattern": "^[a-z][a-z_]*$"},
             "detail": {"type": "string"},
-            "errors": {"type": "object", "additionalProperties": {"type": "string"}},
+            "errors": {"type": "object", "description": "Field name → what is wrong with it", "additionalProperties": {"type": "string"}},
             "request_id": {"type": "string"},
+            # Extension members of some problems (documented with the operations that return them).
+            "decline_reason": {"type": "string", "description": "`card_declined`: the bank's decline code when known, else `generic_decline`"},
+            "top_up_id": {"type": "integer", "minimum": 1, "description": "The top-up this answer is about; see GET /wallet/top-ups/{top_up_id}"},
+            "minimum": {"$ref": "#/components/schemas/Money"},
+            "maximum": {"$ref": "#/components/schemas/Money"},
+            "currency": {"type": "string", "pattern": "^[A-Z]{3}$", "description": "`wrong_currency`: the wallet's currency"},
         },
     },
     "TokenRequest": {
         "type": "object",
         "required": ["email", "password"],
         "properties": {
-            "email": {"type": "string", "format": "email"},
-            "password": {"type": "string"},
-            "totp_code": {"type": "string", "description": "Authenticator code or recovery code, when two-factor sign-in is on"},
-            "name": {"type": "string", "maxLength": 100, "description": "A label to recognise the token later"},
+            "email": {"type": "string", "format": "email", "minLength": 1},
+            "password": {"type": "string", "minLength": 1, "pattern": NO_NUL},
+            "totp_code": {"type": "string", "pattern": NO_NUL, "description": "Authenticator code or recovery code, when two-factor sign-in is on"},
+            "name": {"type": "string", "maxLength": 100, "pattern": NO_NUL, "description": "A label to recognise the token later"},
         },
     },
     "Token": {
         "type": "object",
         "required": ["id", "name", "created_at", "expires_at", "last_used_at"],
         "properties": {
-            "id": {"type": "integer"},
-            "name": {"type": "string"},
+            "id": {"type": "integer", "minimum": 1},
+            "name": {"type": "string", "maxLength": 100},
             "created_at": {"type": "string", "format": "date-time"},
             "expires_at": {"type": "string", "format": "date-time"},
             "last_used_at": {"type": ["string", "null"], "format": "date-time"},
@@ -60,18 +90,26 @@ SCHEMAS = {
             {
                 "type": "object",
                 "required": ["access_token", "token_type"],
-                "properties": {"access_token": {"type": "string"}, "token_type": {"const": "Bearer"}},
+                "properties": {"access_token": {"type": "string", "pattern": "^vp_"}, "token_type": {"const": "Bearer"}},
             },
-        ]
+        ],
+        "unevaluatedProperties": False,
     },
     "TokenList": {
         "type": "object",
         "required": ["data"],
-        "properties": {"data": {"type": "array", "items": {"$ref": "#/components/schemas/Token"}}},
+        "properties": {
+            "data": {
+                "type": "array",
+                "description": "Never carries the secrets: a token is shown only when issued",
+                "items": {"$ref": "#/components/schemas/Token", "unevaluatedProperties": False},
+            }
+        },
     },
     "Me": {
         "type": "object",
         "required": ["id", "email", "role", "locale", "email_verified", "two_factor_enabled", "created_at"],
+        "additionalProperties": False,
         "properties": {
             "id": {"type": "integer"},
             "email": {"type": "string"},
@@ -85,6 +123,527 @@ SCHEMAS = {
 }
 
 
+# --- wallet and payment methods ----------------------------------------------------------------
+
+PM_ID = "^pm_[A-Za-z0-9_]{1,252}$"
+MAX_ID = 2147483647
+
+WALLET_SCHEMAS = {
+    "Money": {
+        "type": "object",
+        "description": "An amount in integer minor units (cents; yen for JPY) and its ISO 4217 currency. Never a decimal.",
+        "required": ["amount", "currency"],
+        "additionalProperties": False,
+        "properties": {
+            "amount": {"type": "integer", "description": "Minor units: 1234 EUR is €12.34"},
+            "currency": {"type": "string", "pattern": "^[A-Z]{3}$", "description": "ISO 4217 code in capitals"},
+        },
+    },
+    "Wallet": {
+        "type": "object",
+        "required": ["balance", "held", "currency", "top_up"],
+        "additionalProperties": False,
+        "properties": {
+            "balance": {"$ref": "#/components/schemas/Money", "description": "What can be spent (holds excluded)"},
+            "held": {"$ref": "#/components/schemas/Money", "description": "Reserved for charging sessions in progress"},
+            "currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
+            "top_up": {
+                "type": "object",
+                "description": "What one top-up may be, and the amounts to offer as buttons",
+                "required": ["minimum", "maximum", "presets"],
+                "additionalProperties": False,
+                "properties": {
+                    "minimum": {"$ref": "#/components/schemas/Money"},
+                    "maximum": {"$ref": "#/components/schemas/Money"},
+                    "presets": {"type": "array", "items": {"$ref": "#/components/schemas/Money"}},
+                },
+            },
+        },
+    },
+    "TopUpRequest": {
+        "type": "object",
+        "required": ["amount", "payment_method_id"],
+        "properties": {
+            "amount": {"$ref": "#/components/schemas/Money", "description": "In the wallet's currency, within GET /wallet `top_up` limits"},
+            "payment_method_id": {"type": "string", "pattern": PM_ID, "description": "One of the account's saved cards (GET /payment-methods)"},
+        },
+    },
+    "TopUp": {
+        "type": "object",
+        "required": ["id", "state", "amount", "card", "created_at"],
+        "additionalProperties": False,
+        "properties": {
+            "id": {"type": "integer", "minimum": 1},
+            "state": {
+                "enum": ["created", "requires_action", "processing", "authorized", "succeeded", "failed", "canceled"],
+                "description": "`succeeded`: the wallet is credited. `requires_action`: confirm 3-D Secure with `client_secret` "
+                "(stripe.js `confirmCardPayment` or the mobile SDK), then POST .../confirm. `created`: the provider's answer is "
+                "not known yet (it did not answer); it is settled within minutes.",
+            },
+            "amount": {"$ref": "#/components/schemas/Money"},
+            "card": {
+                "type": ["object", "null"],
+                "required": ["brand", "last4"],
+                "additionalProperties": False,
+                "properties": {"brand": {"type": ["string", "null"]}, "last4": {"type": ["string", "null"]}},
+            },
+            "client_secret": {"type": "string", "description": "Only while `state` is `requires_action`"},
+            "failure_code": {"type": "string", "description": "Only when `state` is `failed`"},
+            "created_at": {"type": "string", "format": "date-time"},
+        },
+    },
+    "WalletTransaction": {
+        "type": "object",
+        "required": ["entry_id", "created_at", "description", "amount", "balance_after"],
+        "additionalProperties": False,
+        "properties": {
+            "entry_id": {"type": "integer", "minimum": 1},
+            "created_at": {"type": "string", "format": "date-time"},
+            "description": {"type": "string", "description": "In the request's language"},
+            "amount": {"$ref": "#/components/schemas/Money", "description": "Positive: money in; negative: money out"},
+            "balance_after": {"$ref": "#/components/schemas/Money"},
+        },
+    },
+    "WalletTransactionList": {
+        "type": "object",
+        "required": ["data", "next_before"],
+        "additionalProperties": False,
+        "properties": {
+            "data": {"type": "array", "items": {"$ref": "#/components/schemas/WalletTransaction"}, "description": "Newest first"},
+            "next_before": {"type": ["integer", "null"], "minimum": 1, "description": "Pass as `before` for the next page; null on the last page"},
+        },
+    },
+    "Card": {
+        "type": "object",
+        "required": ["id", "brand", "last4", "exp_month", "exp_year", "is_default"],
+        "additionalProperties": False,
+        "properties": {
+            "id": {"type": "string", "pattern": "^pm_"},
+            "brand": {"type": "string"},
+            "last4": {"type": "string"},
+            "exp_month": {"type": "integer", "minimum": 0, "maximum": 12},
+            "exp_year": {"type": "integer", "minimum": 0},
+            "is_default": {"type": "boolean"},
+        },
+    },
+    "CardList": {
+        "type": "object",
+        "required": ["data"],
+        "additionalProperties": False,
+        "properties": {"data": {"type": "array", "items": {"$ref": "#/components/schemas/Card"}, "description": "The default card first"}},
+    },
+    "CardSetup": {
+        "type": "object",
+        "required": ["setup_id", "client_secret", "publishable_key"],
+        "additionalProperties": False,
+        "properties": {
+            "setup_id": {"type": "string", "pattern": "^seti_"},
+            "client_secret": {"type": "string", "description": "For stripe.js `confirmCardSetup` or the mobile SDK"},
+            "publishable_key": {"type": "string"},
+        },
+    },
+    "AddCardRequest": {
+        "type": "object",
+        "required": ["setup_id"],
+        "properties": {"setup_id": {"type": "string", "pattern": "^seti_[A-Za-z0-9_]{1,250}$", "description": "From POST /payment-methods/setup"}},
+    },
+}
+
+_REPLAYED = {"Idempotent-Replayed": {"description": "`true` when this is the stored answer to an earlier request with the same Idempotency-Key", "schema": {"const": "true"}}}
+_UNAVAILABLE = "Card payments are not configured (`payments_unavailable`) or the card payment service did not answer (`provider_unavailable`)"
+_PROVIDER_FAILED = {"502": _problem("The card payment service answered with an error (`provider_error`)")}
+
+
+def _body(schema: str) -> dict:
+    return {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
+
+
+def _with_headers(response: dict, headers: dict) -> dict:
+    return {**response, "headers": {**response.get("headers", {}), **headers}}
+
+
+def wallet_paths(secured: list) -> dict:
+    """The wallet and payment-method operations (webapp/api/wallet.py)."""
+    top_up_id = {"name": "top_up_id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID}}
+    pm_id = {"name": "payment_method_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": PM_ID}}
+    bad_body = {
+        "413": _problem("Body larger than 2 MiB (`too_large`)"),
+        "415": _problem("Body is not JSON (`unsupported_media_type`)"),
+    }
+    return {
+        "/wallet": {
+            "get": {
+                "operationId": "getWallet",
+                "summary": "Wallet balance, money held for sessions, and the top-up limits",
+                "security": secured,
+                "responses": {"200": _json("Wallet", "The wallet"), **COMMON_ERRORS},
+            }
+        },
+        "/wallet/top-ups": {
+            "post": {
+                "operationId": "createTopUp",
+                "summary": "Top up the wallet with a saved card",
+                "description": "Answers 201 with the top-up: `succeeded` (credited) or `requires_action` (3-D Secure: confirm "
+                "`client_secret` in the client, then POST /wallet/top-ups/{top_up_id}/confirm). With an Idempotency-Key, the same "
+                "key and body replay the first answer (header `Idempotent-Replayed: true`) without a second charge.",
+                "security": secured,
+                "parameters": [
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": False,
+                        "description": "A unique key per top-up the client means to make (e.g. a UUID), kept 24 hours per account",
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "\\S"},
+                    }
+                ],
+                "requestBody": _body("TopUpRequest"),
+                "responses": {
+                    "201": _with_headers(_json("TopUp", "The top-up: `succeeded`, or `requires_action` for 3-D Secure"), _REPLAYED),
+                    "400": _problem("Idempotency-Key empty or longer than 255 characters (`invalid_idempotency_key`)"),
+                    "402": _with_headers(
+                        _problem("The card was declined (`card_declined`, see `decline_reason`) or the payment refused (`payment_failed`); "
+                                 "`top_up_id` names the failed top-up"),
+                        _REPLAYED,
+                    ),
+                    "409": _problem(
+                        "A request with this Idempotency-Key is still running (`request_in_progress`)",
+                        {"Retry-After": {"$ref": "#/components/headers/Retry-After"}},
+                    ),
+                    **bad_body,
+                    "422": _with_headers(
+                        _problem("Body not a JSON object (`invalid_json`); a field missing or malformed (`invalid_request`, see `errors`); "
+                                 "amount outside the limits (`amount_out_of_range`, with `minimum` and `maximum`); not the wallet's "
+                                 "currency (`wrong_currency`, with `currency`); not one of the account's saved cards "
+                                 "(`unknown_payment_method`); Idempotency-Key used for another request (`idempotency_key_reused`)"),
+                        _REPLAYED,
+                    ),
+                    "502": _with_headers(_problem("The card payment service refused to work (`provider_error`); see `top_up_id`"), _REPLAYED),
+                    "503": _with_headers(
+                        _problem(_UNAVAILABLE + ". With `top_up_id`, the top-up was sent and its outcome is settled later: "
+                                 "look it up instead of paying again"),
+                        _REPLAYED,
+                    ),
+                    **COMMON_ERRORS,
+                },
+            }
+        },
+        "/wallet/top-ups/{top_up_id}": {
+            "get": {
+                "operationId": "getTopUp",
+                "summary": "One of the account's top-ups",
+                "security": secured,
+                "parameters": [top_up_id],
+                "responses": {
+                    "200": _json("TopUp", "The top-up"),
+                    "404": _problem("No such top-up on this account (`not_found`)"),
+                    "503": _problem(_UNAVAILABLE + " (only asked while 3-D Secure is pending, for `client_secret`)"), **_PROVIDER_FAILED,
+                    **COMMON_ERRORS,
+                },
+            }
+        },
+        "/wallet/top-ups/{top_up_id}/confirm": {
+            "post": {
+                "operationId": "confirmTopUp",
+                "summary": "After 3-D Secure in the client: bring the top-up up to date (credits the wallet once)",
+                "security": secured,
+                "parameters": [top_up_id],
+                "responses": {
+                    "200": _json("TopUp", "The top-up as it stands now"),
+                    "404": _problem("No such top-up on this account (`not_found`)"),
+                    "503": _problem(_UNAVAILABLE), **_PROVIDER_FAILED,
+                    **COMMON_ERRORS,
+                },
+            }
+        },
+        "/wallet/transactions": {
+            "get": {
+                "operationId": "listWalletTransactions",
+                "summary": "The wallet's movements, newest first, with the balance after each",
+                "security": secured,
+                "parameters": [
+                    {"name": "before", "in": "query", "required": False, "description": "`next_before` of the previous page",
+                     "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID}},
+                    {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
+                ],
+                "responses": {
+                    "200": _json("WalletTransactionList", "One page of movements"),
+                    "422": _problem("`before` or `limit` not a whole number in range (`invalid_request`, see `errors`)"),
+                    **COMMON_ERRORS,
+                },
+            }
+        },
+        "/payment-methods": {
+            "get": {
+                "operationId": "listPaymentMethods",
+                "summary": "The account's saved cards",
+                "security": secured,
+                "responses": {"200": _json("CardList", "Saved cards, the default first"), "503": _problem(_UNAVAILABLE), **_PROVIDER_FAILED, **COMMON_ERRORS},
+            },
+            "post": {
+                "operationId": "addPaymentMethod",
+                "summary": "Save the card of a setup the client has confirmed",
+                "security": secured,
+                "requestBody": _body("AddCardRequest"),
+                "responses": {
+                    "201": _json("Card", "The saved card (the first card becomes the default)"),
+                    "402": _problem("The card was declined when it was checked (`card_declined`, see `decline_reason`)"),
+                    "404": _problem("No such card setup for this account (`setup_not_found`)"),
+                    "409": _problem("The client has not confirmed the setup yet (`setup_incomplete`)"),
+                    **bad_body,
+                    "422": _problem("Body not a JSON object (`invalid_json`) or `setup_id` missing or malformed (`invalid_request`)"),
+                    "503": _problem(_UNAVAILABLE), **_PROVIDER_FAILED,
+                    **COMMON_ERRORS,
+                },
+            },
+        },
+        "/payment-methods/setup": {
+            "post": {
+                "operationId": "startPaymentMethodSetup",
+                "summary": "Start saving a card: confirm `client_secret` with stripe.js or the mobile SDK, then POST /payment-methods",
+                "security": secured,
+                "responses": {
+                    "201": {
+                        **_json("CardSetup", "A card setup to confirm in the client"),
+                        "headers": {"Cache-Control": {"required": True, "schema": {"const": "no-store"}}},
+                    },
+                    "503": _problem(_UNAVAILABLE), **_PROVIDER_FAILED,
+                    **COMMON_ERRORS,
+                },
+            }
+        },
+        "/payment-methods/{payment_method_id}/default": {
+            "post": {
+                "operationId": "setDefaultPaymentMethod",
+                "summary": "Make a saved card the default",
+                "security": secured,
+                "parameters": [pm_id],
+                "responses": {
+                    "200": _json("Card", "The card, now the default"),
+                    "404": _problem("No such card on this account (`not_found`)"),
+                    "503": _problem(_UNAVAILABLE), **_PROVIDER_FAILED,
+                    **COMMON_ERRORS,
+                },
+            }
+        },
+        "/payment-methods/{payment_method_id}": {
+            "delete": {
+                "operationId": "removePaymentMethod",
+                "summary": "Remove a saved card",
+                "security": secured,
+                "parameters": [pm_id],
+                "responses": {
+                    "204": {"description": "Removed"},
+                    "404": _problem("No such card on this account (`not_found`)"),
+                    "503": _problem(_UNAVAILABLE), **_PROVIDER_FAILED,
+                    **COMMON_ERRORS,
+                },
+            }
+        },
+    }
+
+
+# --- connectors: prices before paying (webapp/api/connectors.py) -------------------------------
+
+DECIMAL = {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?$", "description": "An exact decimal number, as a string"}
+DECIMAL_OR_NULL = {"type": ["string", "null"], "pattern": "^[0-9]+(\\.[0-9]+)?$"}
+CONNECTOR_CODE = "^[A-Za-z0-9_-]+$"
+
+
+def _nullable(ref: str) -> dict:
+    return {"anyOf": [{"$ref": f"#/components/schemas/{ref}"}, {"type": "null"}]}
+
+
+CONNECTOR_SCHEMAS = {
+    "PriceRestrictions": {
+        "type": "object",
+        "description": "When a price applies, from the OCPI element's restrictions (null: not restricted on that). Times are local "
+        "wall-clock times of the site's time zone; end_time and end_date are exclusive; kWh and durations count from the session start.",
+        "required": ["days_of_week", "start_time", "end_time", "wraps_midnight", "start_date", "end_date", "min_kwh", "max_kwh",
+                     "min_power_kw", "max_power_kw", "min_current_a", "max_current_a", "min_duration_s", "max_duration_s"],
+        "additionalProperties": False,
+        "properties": {
+            "days_of_week": {"type": ["array", "null"], "items": {"enum": ["MONDAY", "TUESDAY", "WEDNESDAY", "THURSDAY", "FRIDAY", "SATURDAY", "SUNDAY"]}},
+            "start_time": {"type": ["string", "null"], "pattern": "^[0-2][0-9]:[0-5][0-9]$"},
+            "end_time": {"type": ["string", "null"], "pattern": "^[0-2][0-9]:[0-5][0-9]$"},
+            "wraps_midnight": {"type": "boolean", "description": "end_time before start_time: the window runs past midnight (22:00-08:00)"},
+            "start_date": {"type": ["string", "null"], "format": "date"},
+            "end_date": {"type": ["string", "null"], "format": "date"},
+            "min_kwh": DECIMAL_OR_NULL,
+            "max_kwh": DECIMAL_OR_NULL,
+            "min_power_kw": DECIMAL_OR_NULL,
+            "max_power_kw": DECIMAL_OR_NULL,
+            "min_current_a": DECIMAL_OR_NULL,
+            "max_current_a": DECIMAL_OR_NULL,
+            "min_duration_s": {"type": ["integer", "null"], "minimum": 0},
+            "max_duration_s": {"type": ["integer", "null"], "minimum": 0},
+        },
+    },
+    "PriceComponent": {
+        "type": "object",
+        "description": "One price a driver sees, per kWh, per minute (charging or idle time) or per session.",
+        "required": ["dimension", "unit", "price_excl_vat", "price_incl_vat", "vat_rate", "exact", "price_per_hour_excl_vat", "step_size",
+                     "element", "restrictions", "otherwise", "grace_period"],
+        "additionalProperties": False,
+        "properties": {
+            "dimension": {"enum": ["ENERGY", "TIME", "FLAT", "PARKING_TIME"]},
+            "unit": {"enum": ["kWh", "min", "session"]},
+            "price_excl_vat": DECIMAL,
+            "price_incl_vat": DECIMAL,
+            "vat_rate": {**DECIMAL_OR_NULL, "description": "Percent; null when no VAT applies to this price"},
+            "exact": {"type": "boolean", "description": "false when a per-minute price was rounded to 12 decimals (the hourly price is exact)"},
+            "price_per_hour_excl_vat": {**DECIMAL_OR_NULL, "description": "TIME and PARKING_TIME: the tariff's own hourly price"},
+            "step_size": {"type": "integer", "minimum": 1, "description": "OCPI step_size: Wh for ENERGY, seconds for time"},
+            "element": {"type": "integer", "minimum": 0, "description": "Index of the OCPI tariff element"},
+            "restrictions": {"$ref": "#/components/schemas/PriceRestrictions"},
+            "otherwise": {"type": "boolean", "description": "Applies at other times than the restricted prices of the same dimension before it"},
+            "grace_period": {
+                "type": ["object", "null"],
+                "description": "PARKING_TIME: idle time that is free, counted from the session start (OCPI 2.2.1 durations)",
+                "required": ["seconds", "counted_from"],
+                "additionalProperties": False,
+                "properties": {"seconds": {"type": "integer", "minimum": 1}, "counted_from": {"const": "session_start"}},
+            },
+        },
+    },
+    "PriceBound": {
+        "type": "object",
+        "required": ["excl_vat", "incl_vat"],
+        "additionalProperties": False,
+        "properties": {"excl_vat": DECIMAL, "incl_vat": {**DECIMAL_OR_NULL, "description": "null when it cannot be known before the session"}},
+    },
+    "Prices": {
+        "type": "object",
+        "description": "The tariff in force as a driver sees it (EU AFIR): per kWh, per minute, per session, idle fee; VAT; min/max price.",
+        "required": ["currency", "components", "vat", "min_price", "max_price"],
+        "additionalProperties": False,
+        "properties": {
+            "currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
+            "components": {"type": "array", "items": {"$ref": "#/components/schemas/PriceComponent"}},
+            "vat": {
+                "type": "object",
+                "required": ["rates", "some_prices_without_vat", "prices_shown_include_vat"],
+                "additionalProperties": False,
+                "properties": {
+                    "rates": {"type": "array", "items": DECIMAL},
+                    "some_prices_without_vat": {"type": "boolean"},
+                    "prices_shown_include_vat": {"const": True},
+                },
+            },
+            "min_price": _nullable("PriceBound"),
+            "max_price": _nullable("PriceBound"),
+        },
+    },
+    "PriceText": {
+        "type": "object",
+        "description": "The prices as text in the language of the request (Accept-Language), ready to show",
+        "required": ["locale", "lines", "notes"],
+        "additionalProperties": False,
+        "properties": {
+            "locale": {"enum": ["en", "es", "zh"]},
+            "lines": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["dimension", "label", "price", "conditions", "billing"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "dimension": {"enum": ["ENERGY", "TIME", "FLAT", "PARKING_TIME"]},
+                        "label": {"type": "string"},
+                        "price": {"type": "string"},
+                        "conditions": {"type": "string"},
+                        "billing": {"type": "string"},
+                    },
+                },
+            },
+            "notes": {"type": "array", "items": {"type": "string"}},
+        },
+    },
+    "TariffVersionRef": {
+        "type": "object",
+        "required": ["version_id", "version", "effective_from", "ocpi"],
+        "additionalProperties": False,
+        "properties": {
+            "version_id": {"type": "integer", "minimum": 1},
+            "version": {"type": "integer", "minimum": 1},
+            "effective_from": {"type": "string", "format": "date-time"},
+            "ocpi": {
+                "type": "object",
+                "description": "The OCPI 2.2.1 Tariff object in force, as stored (prices are exact JSON numbers)",
+                "required": ["currency", "elements"],
+            },
+        },
+    },
+    "HoldLimits": {
+        "type": "object",
+        "description": "Where a session under the default hold stops: at this energy or after this charging time; idle fees are covered this long",
+        "required": ["max_energy_kwh", "max_charging_seconds", "max_idle_seconds"],
+        "additionalProperties": False,
+        "properties": {
+            "max_energy_kwh": DECIMAL,
+            "max_charging_seconds": {"type": "integer", "minimum": 0},
+            "max_idle_seconds": {"type": "integer", "minimum": 0},
+        },
+    },
+    "Connector": {
+        "type": "object",
+        "required": ["connector_code", "number", "standard", "max_power_kw", "charger", "site", "currency", "available_for_payment", "prices",
+                     "display", "tariff", "default_hold", "hold_limits"],
+        "additionalProperties": False,
+        "properties": {
+            "connector_code": {"type": "string", "pattern": CONNECTOR_CODE},
+            "number": {"type": "integer", "minimum": 1, "description": "OCPP connectorId"},
+            "standard": {"type": "string", "description": "OCPI ConnectorType, e.g. IEC_62196_T2"},
+            "max_power_kw": {"type": "integer", "minimum": 0},
+            "charger": {
+                "type": "object",
+                "required": ["vendor", "model"],
+                "additionalProperties": False,
+                "properties": {"vendor": {"type": ["string", "null"]}, "model": {"type": ["string", "null"]}},
+            },
+            "site": {
+                "type": "object",
+                "required": ["name", "address", "time_zone"],
+                "additionalProperties": False,
+                "properties": {"name": {"type": "string"}, "address": {"type": "string"}, "time_zone": {"type": "string", "description": "IANA time zone"}},
+            },
+            "currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
+            "available_for_payment": {"type": "boolean", "description": "false when no tariff is in force now: a session cannot be paid for"},
+            "prices": _nullable("Prices"),
+            "display": _nullable("PriceText"),
+            "tariff": _nullable("TariffVersionRef"),
+            "default_hold": {**_nullable("Money"), "description": "The card hold of a session started now, VAT included"},
+            "hold_limits": _nullable("HoldLimits"),
+        },
+    },
+}
+
+
+def connector_paths() -> dict:
+    """The public connector look-up (webapp/api/connectors.py)."""
+    return {
+        "/connectors/{connector_code}": {
+            "get": {
+                "operationId": "getConnector",
+                "summary": "A connector as a driver sees it after scanning its QR code: place, prices and the default card hold",
+                "description": "Public, no token. Prices are those of the tariff version in force now; `display` is in the language of "
+                "Accept-Language (en, es, zh). The hold is sized for a session started now, so it can change with time-of-use windows.",
+                "parameters": [
+                    {"name": "connector_code", "in": "path", "required": True, "description": "The code under the QR code, e.g. D101",
+                     "schema": {"type": "string", "minLength": 1, "maxLength": 16, "pattern": CONNECTOR_CODE}},
+                ],
+                "responses": {
+                    "200": {
+                        **_json("Connector", "The connector, its prices and the default hold"),
+                        "headers": {"Content-Language": {"required": True, "schema": {"enum": ["en", "es", "zh"]}}},
+                    },
+                    "404": _problem("No connector has this code (`connector_not_found`)"),
+                    "429": _problem("Too many look-ups from this address (`rate_limited`)", {"Retry-After": {"$ref": "#/components/headers/Retry-After"}}),
+                },
+            }
+        }
+    }
+
+
 def document() -> dict:
     """Build the document (the server URL follows the configured base URL)."""
     secured = [{"bearer": []}]
@@ -94,12 +653,15 @@ def document() -> dict:
             "title": "Voltpay API",
             "version": "1.0.0",
             "description": "Scan-to-pay EV charging and prepaid electricity. Money is `{amount, currency}` in minor units. "
-            "Errors are `application/problem+json` with a stable `code`. POSTs that move money accept an `Idempotency-Key` header.",
+            "Errors are `application/problem+json` with a stable `code`. POSTs that move money accept an `Idempotency-Key` header. "
+            "A method a path does not list is answered 405 (`method_not_allowed`) with an `Allow` header; "
+            "an unknown path under /api/v1 is 404 (`not_found`).",
         },
         "servers": [{"url": current_app.config["BASE_URL"].rstrip("/") + "/api/v1"}],
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "Token from POST /auth/token"}},
-            "schemas": SCHEMAS,
+            "schemas": {**SCHEMAS, **WALLET_SCHEMAS, **CONNECTOR_SCHEMAS},
+            "headers": HEADERS,
         },
         "paths": {
             "/auth/token": {
@@ -108,12 +670,19 @@ def document() -> dict:
                     "summary": "Exchange email and password (and TOTP code) for a bearer token",
                     "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TokenRequest"}}}},
                     "responses": {
-                        "201": _json("IssuedToken", "Token issued; the secret is shown only here"),
-                        "401": _problem("Wrong email or password (`invalid_credentials`), code needed (`totp_required`) or wrong (`totp_invalid`)"),
+                        "201": {
+                            **_json("IssuedToken", "Token issued; the secret is shown only here"),
+                            "headers": {"Cache-Control": {"required": True, "schema": {"const": "no-store"}}},
+                        },
+                        "401": _unauthorized("Wrong email or password (`invalid_credentials`), code needed (`totp_required`) or wrong (`totp_invalid`)"),
                         "403": _problem("Email address not confirmed yet (`email_unverified`)"),
-                        "415": _problem("Body is not JSON"),
-                        "422": _problem("A field is missing or not valid"),
-                        "429": COMMON_ERRORS["429"],
+                        "413": _problem("Body larger than 2 MiB (`too_large`)"),
+                        "415": _problem("Body is not JSON (`unsupported_media_type`)"),
+                        "422": _problem("Body is not a JSON object (`invalid_json`), or a field is missing or not valid (`invalid_request`, see `errors`)"),
+                        "429": _problem(
+                            "Too many attempts from this address or for this account (`rate_limited`)",
+                            {"Retry-After": {"$ref": "#/components/headers/Retry-After"}},
+                        ),
                     },
                 },
                 "delete": {
@@ -148,5 +717,19 @@ def document() -> dict:
                     "responses": {"200": _json("Me", "The account"), **COMMON_ERRORS},
                 }
             },
+            "/openapi.json": {
+                "get": {
+                    "operationId": "getOpenApi",
+                    "summary": "This document",
+                    "responses": {
+                        "200": {
+                            "description": "The OpenAPI 3.1 description of the API",
+                            "content": {"application/json": {"schema": {"type": "object", "required": ["openapi", "info", "paths"]}}},
+                        }
+                    },
+                }
+            },
+            **wallet_paths(secured),
+            **connector_paths(),
         },
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import secrets
+import unicodedata
 
 import pyotp
 import qrcode
@@ -39,8 +40,12 @@ def qr_svg(data: str) -> str:
 
 
 def matching_step(secret: str, code: str) -> int | None:
-    """The time step at which ``code`` is valid (±1 step for clock drift), or None."""
-    code = "".join(ch for ch in code if ch.isdigit())
+    """The time step at which ``code`` is valid (±1 step for clock drift), or None.
+
+    Digits typed in another script (full-width from a CJK keyboard, Arabic-Indic)
+    count as their ASCII values; anything else that is not a decimal digit is ignored.
+    """
+    code = "".join(str(unicodedata.decimal(ch)) for ch in code if ch.isdecimal())
     if len(code) != 6:
         return None
     totp = pyotp.TOTP(secret)
