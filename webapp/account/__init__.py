@@ -8,7 +8,7 @@ from flask_babel import lazy_gettext as _l
 from flask_login import current_user, login_required, login_user, logout_user
 from flask_wtf import FlaskForm
 from sqlalchemy import select
-from wtforms import PasswordField, SelectField, StringField
+from wtforms import PasswordField, SelectChoice, SelectField, StringField
 from wtforms.validators import DataRequired, Length
 
 from webapp.auth import twofactor
@@ -28,7 +28,8 @@ SETUP_SECRET = "totp_setup_secret"
 class LanguageForm(FlaskForm):
     """The account's language."""
 
-    locale = SelectField(_l("Language"), choices=list(LANGUAGES.items()))
+    # Each name is in its own language, so each option carries its lang for screen readers.
+    locale = SelectField(_l("Language"), choices=[SelectChoice(code, name, render_kw={"lang": code}) for code, name in LANGUAGES.items()])
 
 
 class ChangePasswordForm(FlaskForm):
