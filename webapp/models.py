@@ -25,6 +25,7 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 import payments.cards  # noqa: F401  (the money tables share this metadata)
 import payments.ledger  # noqa: F401
+import payments.tariff_store  # noqa: F401
 import payments.wallet  # noqa: F401
 import payments.webhooks  # noqa: F401
 from webapp.db import Base, UTCDateTime, utcnow

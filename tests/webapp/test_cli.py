@@ -54,7 +54,7 @@ def test_migrate_builds_an_empty_database_and_is_repeatable(fresh_app):
 def test_seed_demo_creates_the_demo_and_prints_the_passwords(app):
     result = app.test_cli_runner().invoke(args=["seed-demo"])
     assert result.exit_code == 0, result.output
-    printed = dict(re.findall(r"^\s+\w+\s+(\S+@voltpay\.test)\s+(\S+)$", result.output, re.MULTILINE))
+    printed = dict(re.findall(r"^\s+\w+\s+(\S+@example\.com)\s+(\S+)$", result.output, re.MULTILINE))
     assert {"driver@example.com", "tenant@example.com", "operator@example.com"} <= set(printed)
     assert "Connector codes: D101, D102, D201, D202" in result.output
     assert "Meter codes:     M0001, M0002, M0003, M0004" in result.output
