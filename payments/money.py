@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 
 from babel import Locale
-from babel.numbers import format_currency, get_currency_name, get_currency_precision, get_group_symbol
+from babel.numbers import format_currency, get_currency_name, get_currency_precision, get_currency_symbol, get_group_symbol
 
 ROUNDING = ROUND_HALF_UP
 _PLAIN_NUMBER = re.compile(r"^[0-9]{1,15}(\.[0-9]{1,15})?$")
@@ -156,7 +156,9 @@ def parse(text: str, currency: str, locale: str = "en") -> Money:
     currency = check_currency(currency)
     exp = exponent(currency)
     raw = (text or "").strip()
-    for sym in ("€", "$", "£", "¥", "￥", currency, currency.lower()):
+    # Currency signs people copy or type: the locale's, the English one ("CN¥", "US$"), the bare sign and the code.
+    signs = {get_currency_symbol(currency, loc) for loc in (locale, "en")} | {"€", "$", "£", "¥", "￥", currency, currency.lower()}
+    for sym in sorted(signs, key=len, reverse=True):
         raw = raw.replace(sym, "")
     raw = raw.replace("\u00a0", "").replace("\u202f", "").replace(" ", "").replace("'", "")
     if not raw:
@@ -182,14 +184,14 @@ def _normalise(raw: str, group: str) -> str:
         grp = "," if dec_mark == "." else "."
     elif "," in raw or "." in raw:
         mark = "," if "," in raw else "."
-        tail = raw.rpartition(mark)[2]
-        if raw.count(mark) > 1 or (len(tail) == 3 and mark == group):
-            grp = mark  # "1.234.567" or, in a locale that groups with it, "1.234"
+        grouped = re.fullmatch(r"[1-9][0-9]{0,2}(" + re.escape(mark) + r"[0-9]{3})+", raw) is not None
+        if raw.count(mark) > 1 or (grouped and mark == group):
+            grp = mark  # "1.234.567" or, in a locale that groups with it, "1.234" (never "0.001")
         else:
             dec_mark = mark  # "12,5" or "12.50", whatever the locale: people type either
     int_part, _, frac = raw.partition(dec_mark) if dec_mark else (raw, "", "")
     if grp and grp in int_part:
-        if not re.fullmatch(r"[0-9]{1,3}(" + re.escape(grp) + r"[0-9]{3})+", int_part):
+        if not re.fullmatch(r"[1-9][0-9]{0,2}(" + re.escape(grp) + r"[0-9]{3})+", int_part):
             return ""
         int_part = int_part.replace(grp, "")
     return int_part + ("." + frac if dec_mark else "")
