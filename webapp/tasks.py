@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 
 from flask import Flask, has_app_context
 from huey import Huey
@@ -50,6 +51,7 @@ def configure_queue(config: dict) -> None:
     else:
         huey.storage_class = SqliteStorage
         huey.storage_kwargs = {"filename": config["HUEY_PATH"]}
+        Path(config["HUEY_PATH"]).parent.mkdir(parents=True, exist_ok=True)  # instance/ is not in a fresh checkout
     huey.immediate = False  # when leaving immediate mode, Huey builds the storage from the kwargs above
     if not leaving_immediate:
         huey.storage = huey.create_storage()
