@@ -174,7 +174,7 @@ class _Server(AuthorizationServer):
         return request if isinstance(request, OAuth2Request) else _OAuth2Request(request)
 
     def create_json_request(self, request):
-        raise NotImplementedError
+        raise TypeError("this test provider serves no JSON-bodied OAuth endpoints")
 
     def handle_response(self, status_code, payload, headers):
         if isinstance(payload, dict):
