@@ -94,10 +94,12 @@ def _ledger_worker(url: str, seconds: float, start: float, wallet: int, client: 
     end = start + seconds
     one = Money(1, "EUR")
     with factory() as s:
+        acct_wallet, revenue = s.merge(acct_wallet, load=False), s.merge(revenue, load=False)
+        s.commit()  # merge began a transaction; each debit below is its own
         while time.time() < end:
             try:
                 with s.begin():
-                    transfer(s, idempotency_key=f"bench:{client}:{n}", description="debit", debit=s.merge(acct_wallet, load=False), credit=s.merge(revenue, load=False), amount=one)
+                    transfer(s, idempotency_key=f"bench:{client}:{n}", description="debit", debit=acct_wallet, credit=revenue, amount=one)
             except InsufficientFunds:
                 pass
             n += 1

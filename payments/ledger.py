@@ -38,7 +38,6 @@ from sqlalchemy import (
     Index,
     String,
     UniqueConstraint,
-    delete,
     func,
     insert,
     select,
@@ -217,35 +216,55 @@ def post(
     if any(totals.values()):
         raise Unbalanced(f"postings do not sum to zero: {dict(totals)}")
 
-    # One round trip claims the key: a concurrent writer of the same key waits for ours to
-    # commit and then inserts nothing. No savepoint, no read-before-write on the hot path.
-    entry_id = s.execute(
-        _insert_for(s)(JournalEntry)
-        .values(idempotency_key=idempotency_key, description=description[:200], reference=reference, created_at=utcnow())
-        .on_conflict_do_nothing(index_elements=["idempotency_key"])
-        .returning(JournalEntry.id)
-    ).scalar_one_or_none()
+    # Guarded balances first, in account-id order, so concurrent entries lock rows in one order
+    # (no deadlock) and a refused debit writes nothing. Core statements on the session's
+    # connection: the ORM's bulk machinery costs more than the SQL here.
+    accounts = {a.id: a for a, _ in rows}
+    guarded = [(accounts[i], d) for i, d in sorted(_net(rows).items()) if accounts[i].guarded and d]
+    applied: list[tuple[LedgerAccount, int]] = []
+    try:
+        for acct, delta in guarded:
+            _apply_guarded(s, acct, delta)
+            applied.append((acct, delta))
+    except InsufficientFunds:
+        _undo(s, applied)
+        existing = s.scalar(select(JournalEntry).where(JournalEntry.idempotency_key == idempotency_key))
+        if existing is not None:  # a replay of a debit booked earlier, when the money was there
+            _same_or_conflict(existing, rows)
+            return existing.id
+        raise
+    # Then the entry claims its key: a concurrent writer of the same key waits for ours to commit
+    # and then inserts nothing, so a replay finds the first entry and gives its balances back.
+    entry_id = _insert_entry(s, idempotency_key, description[:200], reference, rows)
     if entry_id is None:
+        _undo(s, applied)
         existing = s.scalar(select(JournalEntry).where(JournalEntry.idempotency_key == idempotency_key))
         assert existing is not None
         _same_or_conflict(existing, rows)
         return existing.id
-    # Guarded balances in account-id order, so concurrent entries lock rows in one order (no deadlock).
-    accounts = {a.id: a for a, _ in rows}
-    applied: list[tuple[LedgerAccount, int]] = []
-    try:
-        for account_id, delta in sorted(_net(rows).items()):
-            if accounts[account_id].guarded and delta:
-                _apply_guarded(s, accounts[account_id], delta)
-                applied.append((accounts[account_id], delta))
-    except InsufficientFunds:
-        # Undo inside the caller's transaction: the entry was never committed, so nobody saw it.
-        for acct, delta in applied:
-            _apply_guarded(s, acct, -delta, check=False)
-        s.execute(delete(JournalEntry).where(JournalEntry.id == entry_id))
-        raise
-    s.execute(insert(Posting), [{"entry_id": entry_id, "account_id": a.id, "amount_minor": amt, "currency": a.currency} for a, amt in rows])
     return entry_id
+
+
+def _insert_entry(s: Session, key: str, description: str, reference: str | None, rows: list[tuple[LedgerAccount, int]]) -> int | None:
+    """Insert the entry and its postings; None when the key exists already (nothing inserted)."""
+    conn = s.connection()
+    now = utcnow()
+    entries = JournalEntry.__table__
+    entry_id = conn.execute(
+        _insert_for(s)(entries)
+        .values(idempotency_key=key, description=description, reference=reference, created_at=now)
+        .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .returning(entries.c.id)
+    ).scalar_one_or_none()
+    if entry_id is not None:
+        conn.execute(insert(Posting.__table__), [{"entry_id": entry_id, "account_id": a.id, "amount_minor": amt, "currency": a.currency} for a, amt in rows])
+    return entry_id
+
+
+def _undo(s: Session, applied: list[tuple[LedgerAccount, int]]) -> None:
+    """Give back balance changes made earlier in this (uncommitted) entry."""
+    for acct, delta in reversed(applied):
+        _apply_guarded(s, acct, -delta, check=False)
 
 
 def _insert_for(s: Session):
@@ -262,15 +281,11 @@ def _insert_for(s: Session):
 
 def _apply_guarded(s: Session, acct: LedgerAccount, delta: int, *, check: bool = True) -> None:
     """Add ``delta`` to a guarded account's cached balance, refusing to pass its limit (atomically)."""
-    stmt = (
-        update(LedgerAccount)
-        .where(LedgerAccount.id == acct.id)
-        .values(balance_minor=LedgerAccount.balance_minor + delta)
-        .returning(LedgerAccount.balance_minor)
-    )
+    t = LedgerAccount.__table__
+    stmt = update(t).where(t.c.id == acct.id).values(balance_minor=t.c.balance_minor + delta).returning(t.c.balance_minor)
     if check and delta > 0:  # a debit lowers a credit-normal balance: only then can the limit be passed
-        stmt = stmt.where(LedgerAccount.balance_minor + delta <= LedgerAccount.overdraft_limit_minor)
-    new = s.execute(stmt).scalar_one_or_none()
+        stmt = stmt.where(t.c.balance_minor + delta <= t.c.overdraft_limit_minor)
+    new = s.connection().execute(stmt).scalar_one_or_none()
     if new is None:
         s.refresh(acct, ["balance_minor"])
         short = delta + acct.balance_minor - acct.overdraft_limit_minor

@@ -94,6 +94,16 @@ def test_same_key_books_once(Session):
         assert balance(s, wallet) == eur(1000)
 
 
+def test_replaying_a_debit_after_the_money_was_spent_returns_the_first_entry(Session):
+    with Session.begin() as s:
+        wallet = get_account(s, AccountKind.CUSTOMER_WALLET, "EUR", "user:1")
+        top_up(s, wallet, 1000, "topup:1")
+        first = spend(s, wallet, 800, "session:1:capture")
+        spend(s, wallet, 200, "session:2:capture")
+        assert spend(s, wallet, 800, "session:1:capture") == first  # retried, not refused
+        assert balance(s, wallet) == eur(0)
+
+
 def test_same_key_with_other_postings_is_a_conflict(Session):
     with Session.begin() as s:
         wallet = get_account(s, AccountKind.CUSTOMER_WALLET, "EUR", "user:1")
