@@ -17,7 +17,9 @@ from payments.cards import State
 from payments.money import Money
 from payments.webhooks import ProviderEvent
 from tests.stripe_browser import VISA
-from tests.webapp.wallet_helpers import (
+from tests.webapp.wallet_helpers import (  # noqa: F401  (app_config and ana are fixtures)
+    ana,
+    app_config,
     backdate,
     card_payments,
     deliver,
@@ -36,17 +38,6 @@ from webapp.devtools.localstripe_server import register_webhook
 from webapp.tasks import huey
 from webapp.wallet.jobs import reconcile_card_payments, reconcile_card_payments_job
 
-
-@pytest.fixture
-def app_config(app_config, stripe_config):
-    return {**app_config, **stripe_config}
-
-
-@pytest.fixture
-def ana(client, make_user):
-    user = make_user("ana@example.com")
-    sign_in(client, "ana@example.com")
-    return user
 
 
 @pytest.fixture

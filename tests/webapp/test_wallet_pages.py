@@ -10,7 +10,9 @@ from payments.money import Money
 from payments.providers import make_provider
 from tests.conftest import free_port
 from tests.stripe_browser import DECLINED_AT_CHARGE, MASTERCARD, THREE_D_SECURE, VISA, pass_3ds
-from tests.webapp.wallet_helpers import (
+from tests.webapp.wallet_helpers import (  # noqa: F401  (app_config and ana are fixtures)
+    ana,
+    app_config,
     JSON,
     card_payments,
     data_attribute,
@@ -23,19 +25,6 @@ from tests.webapp.wallet_helpers import (
     wallet_balance,
 )
 
-
-@pytest.fixture
-def app_config(app_config, stripe_config):
-    """The app talks to localstripe (emptied for each test)."""
-    return {**app_config, **stripe_config}
-
-
-@pytest.fixture
-def ana(client, make_user):
-    """Ana, signed in on ``client``; her wallet is in euros."""
-    user = make_user("ana@example.com")
-    sign_in(client, "ana@example.com")
-    return user
 
 
 def eur(cents: int) -> Money:

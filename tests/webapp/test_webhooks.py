@@ -15,7 +15,9 @@ from payments import cards, wallet
 from payments.cards import CardPayment, State
 from payments.money import Money
 from tests.stripe_browser import VISA, browser_card, signed_event
-from tests.webapp.wallet_helpers import (
+from tests.webapp.wallet_helpers import (  # noqa: F401  (app_config and ana are fixtures)
+    ana,
+    app_config,
     card_payments,
     deliver,
     event,
@@ -28,17 +30,6 @@ from tests.webapp.wallet_helpers import (
     wallet_balance,
 )
 
-
-@pytest.fixture
-def app_config(app_config, stripe_config):
-    return {**app_config, **stripe_config}
-
-
-@pytest.fixture
-def ana(client, make_user):
-    user = make_user("ana@example.com")
-    sign_in(client, "ana@example.com")
-    return user
 
 
 def test_forged_or_unsigned_deliveries_are_refused_and_nothing_is_stored(app, client, ana, stripe_config):

@@ -7,6 +7,8 @@ pages, as a person's phone would send it.
 
 from __future__ import annotations
 
+import pytest
+
 import contextlib
 import datetime as dt
 import html
@@ -161,3 +163,20 @@ def top_up_left_at_3ds(app, client, config: dict, *, preset: str = "2000", passe
     if passed is not None:
         pass_3ds(config, row.provider_payment_id, waiting["client_secret"], success=passed)
     return payment_id, row.provider_payment_id, waiting
+
+
+# Fixtures shared by the wallet test modules (import them by name into a module to use them).
+
+
+@pytest.fixture
+def app_config(app_config, stripe_config):
+    """The app talks to localstripe (emptied for each test)."""
+    return {**app_config, **stripe_config}
+
+
+@pytest.fixture
+def ana(client, make_user):
+    """Ana, signed in on ``client``; her wallet is in euros."""
+    user = make_user("ana@example.com")
+    sign_in(client, "ana@example.com")
+    return user
