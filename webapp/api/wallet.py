@@ -427,15 +427,21 @@ def add_payment_method():
     return resp
 
 
+def _own_customer() -> str:
+    """The person's provider customer id, the transaction ended before a provider call; none yet → 404."""
+    cid = wallet.known_customer_id(db_session(), g.api_user.owner)
+    _end_transaction()
+    if cid is None:
+        raise _not_found()
+    return cid
+
+
 @bp.route("/payment-methods/<payment_method:payment_method_id>/default", methods=["POST"])
 @token_required
 def make_default_payment_method(payment_method_id: str):
     """Make one of the person's cards the default (another person's card: 404)."""
     provider = _provider()
-    cid = wallet.known_customer_id(db_session(), g.api_user.owner)
-    _end_transaction()
-    if cid is None:
-        raise _not_found()
+    cid = _own_customer()
     try:
         with _calling_provider():
             provider.set_default_card(customer_id=cid, payment_method_id=payment_method_id)
@@ -453,10 +459,7 @@ def make_default_payment_method(payment_method_id: str):
 def remove_payment_method(payment_method_id: str):
     """Remove one of the person's saved cards (204; another person's card: 404)."""
     provider = _provider()
-    cid = wallet.known_customer_id(db_session(), g.api_user.owner)
-    _end_transaction()
-    if cid is None:
-        raise _not_found()
+    cid = _own_customer()
     try:
         with _calling_provider():
             provider.remove_card(customer_id=cid, payment_method_id=payment_method_id)
