@@ -64,13 +64,14 @@ def prepare(url: str, wallets: int) -> None:
     eng.dispose()
 
 
-def _baseline_worker(url: str, seconds: float, start: float, out) -> None:
+def _baseline_worker(url: str, seconds: float, go, out) -> None:
     eng = _engine(url)
     n = 0
     with eng.connect() as c:
-        while time.time() < start:
-            time.sleep(0.001)
-        end = start + seconds
+        c.execute(text("SELECT 1")).all()  # connected before the start signal
+        c.rollback()
+        go.wait()
+        end = time.time() + seconds
         while time.time() < end:
             with c.begin():
                 c.execute(text("UPDATE bench_counter SET n = n + 1 WHERE id = 1"))
@@ -79,7 +80,7 @@ def _baseline_worker(url: str, seconds: float, start: float, out) -> None:
     out.put(n)
 
 
-def _ledger_worker(url: str, seconds: float, start: float, wallet: int, client: int, out) -> None:
+def _ledger_worker(url: str, seconds: float, go, wallet: int, client: int, out) -> None:
     from payments.ledger import AccountKind, InsufficientFunds, LedgerAccount, transfer
     from payments.money import Money
 
@@ -89,9 +90,8 @@ def _ledger_worker(url: str, seconds: float, start: float, wallet: int, client: 
         acct_wallet = s.scalar(select(LedgerAccount).where(LedgerAccount.kind == AccountKind.CUSTOMER_WALLET, LedgerAccount.owner == f"user:{wallet}"))
         revenue = s.scalar(select(LedgerAccount).where(LedgerAccount.kind == AccountKind.REVENUE))
     n = 0
-    while time.time() < start:
-        time.sleep(0.001)
-    end = start + seconds
+    go.wait()
+    end = time.time() + seconds
     one = Money(1, "EUR")
     with factory() as s:
         acct_wallet, revenue = s.merge(acct_wallet, load=False), s.merge(revenue, load=False)
@@ -143,11 +143,11 @@ def main() -> None:
 
 def _timed(worker, url: str, clients: int, seconds: float, extra) -> float:
     ctx = mp.get_context("fork")
-    out = ctx.Queue()
-    start = time.time() + 0.5
-    procs = [ctx.Process(target=worker, args=(url, seconds, start, *extra(i), out)) for i in range(clients)]
+    out, go = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=worker, args=(url, seconds, go, *extra(i), out)) for i in range(clients)]
     for p in procs:
         p.start()
+    go.set()  # all clients start together
     total = sum(out.get(timeout=seconds + 60) for _ in procs)
     for p in procs:
         p.join()

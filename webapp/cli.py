@@ -197,11 +197,12 @@ def _demo_command(app: Flask) -> None:
             for number, what in DEMO_CARDS:
                 click.echo(f"  {number}  {what}")
             click.echo(f"\nVoltpay demo running at {base}/ (health: {base}/healthz, wallet: {base}/wallet). {emails} Ctrl-C stops.\n")
-            while True:
+            while True:  # block until a child exits; Ctrl-C and SIGTERM interrupt the wait
+                pid, status = os.wait()
                 for name, p in procs.items():
-                    if p.poll() is not None:
+                    if p.pid == pid:
+                        p.returncode = os.waitstatus_to_exitcode(status)
                         raise click.ClickException(f"the {name} exited (code {p.returncode}); demo stopped")
-                time.sleep(0.5)
         except KeyboardInterrupt:
             click.echo("\nStopping the demo…")
         finally:

@@ -16,9 +16,9 @@ from webapp.auth import twofactor
 from webapp.auth.tokens import digest
 from webapp.db import utcnow
 from webapp.models import ApiToken, User
+from tests.webapp.problems import assert_problem
 
 PASSWORD = "correct horse staple"
-PROBLEM_KEYS = {"type", "title", "status", "code", "detail"}
 
 
 @pytest.fixture
@@ -35,18 +35,6 @@ def issue(api, email="ana@example.com", password=PASSWORD, **fields):
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
-
-def assert_problem(resp, status: int, code: str) -> dict:
-    """``resp`` is an RFC 9457 problem document with ``status`` and ``code``."""
-    assert resp.status_code == status, resp.get_data(as_text=True)
-    assert resp.mimetype == "application/problem+json"
-    body = resp.get_json(force=True)
-    assert PROBLEM_KEYS <= body.keys(), body
-    assert body["status"] == status and body["code"] == code, body
-    assert body["type"].endswith("/" + code)
-    assert isinstance(body["title"], str) and body["title"]
-    assert isinstance(body["detail"], str) and body["detail"]
-    return body
 
 
 def rows(app, stmt):

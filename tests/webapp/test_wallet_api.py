@@ -20,19 +20,9 @@ from tests.stripe_browser import DECLINED_AT_CHARGE, MASTERCARD, THREE_D_SECURE,
 from webapp.auth.tokens import digest
 from webapp.db import utcnow
 from webapp.models import ApiToken, IdempotencyRecord
+from tests.webapp.problems import assert_problem
 
-PROBLEM_KEYS = {"type", "title", "status", "code", "detail"}
 
-
-def assert_problem(resp, status: int, code: str) -> dict:
-    """``resp`` is an RFC 9457 problem document with ``status`` and ``code``."""
-    assert resp.status_code == status, resp.get_data(as_text=True)
-    assert resp.mimetype == "application/problem+json"
-    body = resp.get_json(force=True)
-    assert PROBLEM_KEYS <= body.keys(), body
-    assert body["status"] == status and body["code"] == code, body
-    assert isinstance(body["detail"], str) and body["detail"]
-    return body
 
 
 def eur(cents: int) -> dict:
