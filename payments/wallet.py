@@ -7,7 +7,7 @@ Ledger entries (debit first):
 * top-up refund sent:    refunds payable    →  provider clearing
 * top-up refund refused: refunds payable    →  customer wallet (the reservation comes back)
 * hold for a session:    customer wallet    →  wallet hold
-* hold captured:         wallet hold        →  revenue (captured part) and back to the wallet (the rest)
+* hold captured:         wallet hold        →  revenue and VAT payable (captured part) and back to the wallet (the rest)
 * hold released:         wallet hold        →  customer wallet
 
 A wallet is owned by ``user:<id>`` and has one currency. Keys are derived
@@ -238,14 +238,19 @@ def _settle(s: Session, *, key: str, description: str, postings: list[tuple[Ledg
         raise IdempotencyConflict(f"the hold {key!r} was already settled otherwise (captured or released)") from None
 
 
-def capture_hold(s: Session, *, owner: str, held_amount: Money, amount: Money, key: str) -> None:
-    """Take ``amount`` (≤ the hold) as revenue and give the rest back to the wallet, in one entry, once."""
+def capture_hold(s: Session, *, owner: str, held_amount: Money, amount: Money, key: str, vat: Money | None = None) -> None:
+    """Take ``amount`` (≤ the hold) as revenue, ``vat`` of it to VAT payable, and give the rest back to the wallet, in one entry, once."""
     if not Money.zero(amount.currency) <= amount <= held_amount:
         raise ValueError("capture must be between zero and the hold")
+    vat = vat if vat is not None else Money.zero(amount.currency)
+    if not Money.zero(amount.currency) <= vat <= amount:
+        raise ValueError("the VAT must be between zero and the amount captured")
     hold_acct = _check_hold(s, owner=owner, held_amount=held_amount, key=key)
     postings = [(hold_acct, held_amount)]
-    if amount.amount:
-        postings.append((get_account(s, AccountKind.REVENUE, amount.currency), -amount))
+    if (amount - vat).amount:
+        postings.append((get_account(s, AccountKind.REVENUE, amount.currency), -(amount - vat)))
+    if vat.amount:
+        postings.append((get_account(s, AccountKind.VAT_PAYABLE, amount.currency), -vat))
     if (held_amount - amount).amount:
         postings.append((wallet(s, owner, amount.currency), -(held_amount - amount)))
     _settle(s, key=key, description="Charging paid from wallet", postings=postings)

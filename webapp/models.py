@@ -200,6 +200,17 @@ class Site(Base):
     address: Mapped[str] = mapped_column(Text, default="")
     time_zone: Mapped[str] = mapped_column(String(64), default="UTC")
     currency: Mapped[str] = mapped_column(String(3), default="EUR")
+    # Charging rules of the site (the operator console edits them). A start not seen within
+    # start_window_s is given up and its hold released; a session below min_billable_wh of energy
+    # or min_billable_s of charging time is free. The hold_* limits size the default hold
+    # (payments.price_display.HoldPolicy); NULL takes the policy's defaults.
+    start_window_s: Mapped[int] = mapped_column(Integer, default=180, server_default="180")
+    min_billable_wh: Mapped[int] = mapped_column(Integer, default=100, server_default="100")
+    min_billable_s: Mapped[int] = mapped_column(Integer, default=60, server_default="60")
+    hold_max_energy_kwh: Mapped[int | None] = mapped_column(Integer)
+    hold_max_charging_s: Mapped[int | None] = mapped_column(Integer)
+    hold_max_idle_s: Mapped[int | None] = mapped_column(Integer)
+    meter_sample_interval_s: Mapped[int] = mapped_column(Integer, default=10, server_default="10")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     operator: Mapped[Operator] = relationship(back_populates="sites")
@@ -218,6 +229,12 @@ class Charger(Base):
     password_hash: Mapped[str] = mapped_column(String(255))
     vendor: Mapped[str | None] = mapped_column(String(50))
     model: Mapped[str | None] = mapped_column(String(50))
+    serial_number: Mapped[str | None] = mapped_column(String(25))
+    firmware_version: Mapped[str | None] = mapped_column(String(50))
+    last_boot_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    last_seen_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)  # last message of any kind
+    status: Mapped[str | None] = mapped_column(String(24))  # StatusNotification of connector 0 (the charger itself)
+    error_code: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     site: Mapped[Site] = relationship(back_populates="chargers")
@@ -235,6 +252,12 @@ class Connector(Base):
     connector_code: Mapped[str] = mapped_column(String(16), unique=True)
     standard: Mapped[str] = mapped_column(String(32), default="IEC_62196_T2")
     max_power_kw: Mapped[int] = mapped_column(Integer, default=22)
+    # The last StatusNotification (OCPP 1.6 ChargePointStatus and ChargePointErrorCode, kept as sent).
+    status: Mapped[str | None] = mapped_column(String(24))  # None: never reported
+    error_code: Mapped[str | None] = mapped_column(String(32))
+    vendor_error_code: Mapped[str | None] = mapped_column(String(50))
+    status_info: Mapped[str | None] = mapped_column(String(50))
+    status_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
     charger: Mapped[Charger] = relationship(back_populates="connectors")
 
@@ -284,3 +307,13 @@ class IdempotencyRecord(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
     __table_args__ = (UniqueConstraint("scope", "key", name="uq_idempotency_records_scope_key"),)
+
+
+from webapp.charging.models import (  # noqa: E402,F401  (the charging tables share this metadata)
+    ChargeCommand,
+    ChargerConnection,
+    ChargingSession,
+    OcppMessage,
+    RfidTag,
+    SessionSample,
+)

@@ -111,6 +111,7 @@ def run_worker(workers: int = 2, periodic: bool = True) -> None:
     """Run the consumer in the foreground (``flask worker``); Ctrl-C or SIGTERM stops it."""
     # Import the modules that declare tasks so the consumer knows them.
     import webapp.mail  # noqa: F401
+    import webapp.charging.jobs  # noqa: F401
     import webapp.wallet.jobs  # noqa: F401
 
     log.info("worker starting", extra={"workers": workers, "storage": type(huey.storage).__name__})
