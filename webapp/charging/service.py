@@ -178,7 +178,7 @@ def quote(s: Session, connector: Connector, *, now: dt.datetime, cap: Money | No
             raise ChargingError("cap_currency", f"the cap must be in {site.currency}", currency=site.currency)
         if cap < hold:
             try:
-                lim = limits_for_cap(version, cap, max_power_kw=Decimal(connector.max_power_kw), max_idle=policy.max_idle,
+                lim = limits_for_cap(version.compiled, cap, max_power_kw=Decimal(connector.max_power_kw), max_idle=policy.max_idle,
                                      time_zone=site.time_zone, start=now, max_duration=policy.max_duration)
             except PricingError:
                 raise ChargingError("cap_too_low", "the cap is below the least this session can cost", minimum=hold_minimum(version, site, now, policy)) from None
@@ -198,7 +198,7 @@ def hold_minimum(version: TariffVersion, site: Site, now: dt.datetime, policy: H
     """The smallest cap that still allows a minute of charging (for the "cap too low" message)."""
     from payments.tariffs import hold_for
 
-    return hold_for(version, currency=site.currency, max_energy_kwh=Decimal(0), max_duration=dt.timedelta(minutes=1),
+    return hold_for(version.compiled, currency=site.currency, max_energy_kwh=Decimal(0), max_duration=dt.timedelta(minutes=1),
                     max_idle=policy.max_idle, time_zone=site.time_zone, start=now)
 
 
@@ -422,7 +422,7 @@ def request_stop(s: Session, gateway: Gateway, provider: PaymentProvider | None,
     s.commit()
     result = gateway.call(
         s, cs.connector.charger, "RemoteStopTransaction", {"transaction_id": cs.transaction_id},
-        key=cs.key(f"remote_stop:{by}:{int(now.timestamp())}"), session_id=cs.id, requested_by=by,
+        key=cs.key(f"remote_stop:{by}:{secrets.token_hex(6)}"), session_id=cs.id, requested_by=by,
     )
     cs = s.get(ChargingSession, cs.id, populate_existing=True)
     if result.status is CommandStatus.NOT_CONNECTED:
