@@ -1,6 +1,8 @@
-"""The signed-in person's account: profile, language, password, two-factor sign-in, API tokens."""
+"""The signed-in person's account: profile, language, password, two-factor sign-in, RFID cards, API tokens."""
 
 from __future__ import annotations
+
+import re
 
 from flask import Blueprint, abort, flash, redirect, render_template, session, url_for
 from flask_babel import gettext as _
@@ -8,6 +10,7 @@ from flask_babel import lazy_gettext as _l
 from flask_login import current_user, login_required, login_user, logout_user
 from flask_wtf import FlaskForm
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from wtforms import PasswordField, SelectChoice, SelectField, StringField
 from wtforms.validators import DataRequired, Length
 
@@ -18,7 +21,7 @@ from webapp.auth.views import CODE_LIMIT
 from webapp.db import db_session, utcnow
 from webapp.extensions import limiter
 from webapp.i18n import LANGUAGES
-from webapp.models import ApiToken
+from webapp.models import ApiToken, RfidTag
 
 bp = Blueprint("account", __name__, url_prefix="/account")
 
@@ -57,6 +60,30 @@ class DisableTwoFactorForm(FlaskForm):
     code = StringField(_l("6-digit code from the app, or a recovery code"), validators=[DataRequired(message=_l("Enter the 6-digit code.")), Length(max=32)], render_kw={"autocomplete": "one-time-code"})
 
 
+class RfidTagForm(FlaskForm):
+    """An RFID charging card to link: the number printed on it (the charger reads the same)."""
+
+    id_tag = StringField(
+        _l("Card number"),
+        validators=[DataRequired(message=_l("Enter the number printed on the card.")), Length(max=40)],
+        description=_l("4 to 20 letters and digits, as printed on the card (spaces and dashes are ignored)."),
+        render_kw={"autocomplete": "off", "autocapitalize": "characters"},
+    )
+    label = StringField(_l("Name (optional)"), validators=[Length(max=64, message=_l("At most 64 characters."))])
+
+
+RFID_TAG = re.compile(r"[0-9A-Z]{4,20}")
+
+
+def normalize_id_tag(value: str) -> str:
+    """A card number as chargers send it: upper case, without spaces or dashes."""
+    return re.sub(r"[\s:-]", "", value or "").upper()
+
+
+def _rfid_tags():
+    return db_session().scalars(select(RfidTag).where(RfidTag.user_id == current_user.id).order_by(RfidTag.created_at)).all()
+
+
 def _tokens():
     return db_session().scalars(
         select(ApiToken).where(ApiToken.user_id == current_user.id, ApiToken.revoked_at.is_(None), ApiToken.expires_at > utcnow()).order_by(ApiToken.created_at.desc())
@@ -73,6 +100,8 @@ def overview():
         password_form=ChangePasswordForm(),
         recovery_left=twofactor.remaining_recovery_codes(db_session(), current_user) if current_user.two_factor_enabled else None,
         api_tokens=_tokens(),
+        rfid_tags=_rfid_tags(),
+        rfid_form=RfidTagForm(),
     )
 
 
@@ -214,4 +243,52 @@ def revoke_api_token(token_id: int):
         token.revoked_at = utcnow()
         s.commit()
     flash(_("The API token is revoked."), "success")
+    return redirect(url_for("account.overview"))
+
+
+@bp.route("/rfid-tags", methods=["POST"])
+@login_required
+@limiter.limit("20 per hour", key_func=lambda: f"rfid:{current_user.id}")
+def add_rfid_tag():
+    """Link an RFID card: starting a charge with it pays from this account's wallet."""
+    form = RfidTagForm()
+    if form.validate_on_submit():
+        tag = normalize_id_tag(form.id_tag.data)
+        if not RFID_TAG.fullmatch(tag):
+            form.id_tag.errors.append(_("A card number has 4 to 20 letters and digits."))
+        else:
+            s = db_session()
+            try:
+                with s.begin_nested():
+                    s.add(RfidTag(id_tag=tag, user_id=current_user.id, label=(form.label.data or "").strip()))
+                s.commit()
+            except IntegrityError:
+                s.rollback()
+                # Whose card it is stays private: the same words whether it is yours or someone else's.
+                form.id_tag.errors.append(_("This card is already linked to an account. If it is yours and lost, ask support."))
+            else:
+                flash(_("Card %(tag)s linked. Hold it to a charger's reader to charge from your wallet.", tag=tag), "success")
+                return redirect(url_for("account.overview"))
+    return render_template(
+        "account/overview.html",
+        language_form=LanguageForm(locale=current_user.locale or "en"),
+        password_form=ChangePasswordForm(),
+        recovery_left=twofactor.remaining_recovery_codes(db_session(), current_user) if current_user.two_factor_enabled else None,
+        api_tokens=_tokens(),
+        rfid_tags=_rfid_tags(),
+        rfid_form=form,
+    ), 400
+
+
+@bp.route("/rfid-tags/<int:tag_id>/remove", methods=["POST"])
+@login_required
+def remove_rfid_tag(tag_id: int):
+    """Unlink one of the person's RFID cards (someone else's: 404)."""
+    s = db_session()
+    tag = s.scalar(select(RfidTag).where(RfidTag.id == tag_id, RfidTag.user_id == current_user.id))
+    if tag is None:
+        abort(404)
+    s.delete(tag)
+    s.commit()
+    flash(_("The card is no longer linked to your account."), "success")
     return redirect(url_for("account.overview"))
