@@ -253,6 +253,8 @@ def test_a_cap_below_the_least_a_session_costs_is_refused(site):
     assert money(site, ana.owner) == 5000
     with db(site) as s:
         assert s.scalar(select(func.count()).select_from(ChargingSession)) == 0
+    at_minimum = start(site, ana, cap=e.value.params["minimum"]).session  # the minimum the message names is accepted
+    assert at_minimum.state == SessionState.START_REQUESTED and at_minimum.hold_minor <= e.value.params["minimum"].amount
 
 
 def test_idle_fee_after_the_grace_period_until_the_car_leaves(site):

@@ -138,6 +138,8 @@ def change_password():
             password_form=form,
             recovery_left=twofactor.remaining_recovery_codes(s, current_user) if current_user.two_factor_enabled else None,
             api_tokens=_tokens(),
+            rfid_tags=_rfid_tags(),
+            rfid_form=RfidTagForm(),
         ), 400
     user = current_user._get_current_object()
     user.password_hash = hash_password(form.password.data)

@@ -53,7 +53,7 @@ import logging
 import secrets
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal, InvalidOperation
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -88,6 +88,7 @@ SETTLE_CLAIM = dt.timedelta(minutes=2)  # a settler that died frees its claim af
 MAX_SETTLE_ATTEMPTS = 6  # capture attempts before a person looks at it
 SILENCE_TIMEOUT = dt.timedelta(hours=24)  # a charging session with no word from the charger this long goes to review
 FINISHING_NO_FEE = dt.timedelta(0)  # idle time is not waited for when the tariff has no idle fee
+MIN_CAPPED_CHARGING = dt.timedelta(minutes=1)  # a cap must allow at least this much charging at full power
 CHARGING_STATUSES = {"Charging"}
 FAULT_STATUSES = {"Faulted", "Unavailable"}
 FREE_STATUSES = {"Available"}
@@ -181,11 +182,12 @@ def quote(s: Session, connector: Connector, *, now: dt.datetime, cap: Money | No
                 lim = limits_for_cap(version.compiled, cap, max_power_kw=Decimal(connector.max_power_kw), max_idle=policy.max_idle,
                                      time_zone=site.time_zone, start=now, max_duration=policy.max_duration)
             except PricingError:
-                raise ChargingError("cap_too_low", "the cap is below the least this session can cost", minimum=hold_minimum(version, site, now, policy)) from None
+                raise ChargingError("cap_too_low", "the cap is below the least this session can cost",
+                                    minimum=hold_minimum(version, connector, now, policy)) from None
             hold, duration = lim["hold"], lim["max_duration"]
             energy = min(energy, lim["max_energy_kwh"])
-            if duration.total_seconds() < 60 or energy <= 0:
-                raise ChargingError("cap_too_low", "the cap is too low to charge", minimum=hold_minimum(version, site, now, policy))
+            if duration.total_seconds() < MIN_CAPPED_CHARGING.total_seconds() or energy <= 0:
+                raise ChargingError("cap_too_low", "the cap is too low to charge", minimum=hold_minimum(version, connector, now, policy))
         else:
             cap = None  # a cap above the default hold changes nothing
     return Quote(
@@ -194,11 +196,14 @@ def quote(s: Session, connector: Connector, *, now: dt.datetime, cap: Money | No
     )
 
 
-def hold_minimum(version: TariffVersion, site: Site, now: dt.datetime, policy: HoldPolicy) -> Money:
-    """The smallest cap that still allows a minute of charging (for the "cap too low" message)."""
+def hold_minimum(version: TariffVersion, connector: Connector, now: dt.datetime, policy: HoldPolicy) -> Money:
+    """The smallest cap ``quote`` accepts: the hold of ``MIN_CAPPED_CHARGING`` at the connector's full power (for the "cap too low" message)."""
     from payments.tariffs import hold_for
 
-    return hold_for(version.compiled, currency=site.currency, max_energy_kwh=Decimal(0), max_duration=dt.timedelta(minutes=1),
+    site = connector.charger.site
+    seconds = int(MIN_CAPPED_CHARGING.total_seconds())
+    energy = (Decimal(connector.max_power_kw) * seconds / 3600).quantize(Decimal("0.001"), rounding=ROUND_DOWN)
+    return hold_for(version.compiled, currency=site.currency, max_energy_kwh=energy, max_duration=MIN_CAPPED_CHARGING,
                     max_idle=policy.max_idle, time_zone=site.time_zone, start=now)
 
 
@@ -231,7 +236,7 @@ def open_session(
     token = secrets.token_urlsafe(24) if user is None else None
     cs = ChargingSession(
         connector_id=connector.id, active_connector_id=connector.id, user_id=user.id if user else None,
-        owner=user.owner if user else "guest:pending", email=(user.email if user else email),
+        owner=user.owner if user else "guest:pending", email=(user.email if user else (email or "").strip().lower()),
         access_token_hash=token_hash(token) if token else None, state=SessionState.PENDING, id_tag=_new_id_tag(s),
         payment_kind=payment_kind, currency=q.currency, hold_minor=q.hold.amount, cap_minor=q.cap.amount if q.cap else None,
         max_energy_wh=q.max_energy_wh, max_charging_s=q.max_charging_s, max_idle_s=q.max_idle_s,
@@ -407,8 +412,6 @@ def request_stop(s: Session, gateway: Gateway, provider: PaymentProvider | None,
     ``not_stoppable`` when the session has already ended.
     """
     if cs.state in BEFORE_CHARGING:
-        if cs.state == SessionState.PENDING and cs.card_payment is not None and cs.card_payment.state == cards.State.CREATED:
-            pass  # never reached the provider: nothing to release there
         release(s, provider, cs)
         _end(cs, SessionState.CANCELLED, "cancelled_by_" + by, now)
         s.commit()
@@ -472,8 +475,11 @@ def start_session(
     tariff, cap too low, busy connector). After that the session exists and
     its state tells the outcome: ``failed`` (hold refused), ``pending`` (3-D
     Secure: ``client_secret`` set), ``start_failed``, or ``start_requested``.
-    ``on_opened`` runs after the session is first committed (the guest's
-    email with the link, for example).
+    ``on_opened`` runs right after the session is first committed, before the
+    card is asked for the hold: the moment from which the request has an
+    effect (an API's idempotency record must keep its answer). Anything that
+    depends on the hold's outcome (the guest's email with the link) belongs
+    after this function returns, on the session's state.
     ProviderUnavailable propagates with the session left pending (the
     watchdog settles it); its id is on the exception as ``session_id``.
     """
