@@ -50,11 +50,16 @@ def create_app(config: dict | None = None) -> Flask:
 
     init_login(app)
     init_payments(app)
+    from webapp.chargers.client import gateway_client
+
+    app.extensions["charger_gateway"] = gateway_client(app)
 
     from webapp.account import bp as account_bp
     from webapp.api import bp as api_bp
     from webapp.auth import bp as auth_bp
+    from webapp.charging import bp as charging_bp
     from webapp.main import bp as main_bp
+    from webapp.scan import bp as scan_bp
     from webapp.wallet import bp as wallet_bp
     from webapp.webhooks import bp as webhooks_bp
 
@@ -62,8 +67,10 @@ def create_app(config: dict | None = None) -> Flask:
     app.register_blueprint(auth_bp)
     app.register_blueprint(account_bp)
     app.register_blueprint(wallet_bp)
+    app.register_blueprint(charging_bp)
     app.register_blueprint(api_bp)
     app.register_blueprint(webhooks_bp)
+    app.register_blueprint(scan_bp)
     csrf.exempt(api_bp)  # bearer tokens only, never cookies: nothing for a forged form to ride on
     csrf.exempt(webhooks_bp)  # signed by Stripe, no cookies: the signature is the check
 

@@ -95,6 +95,9 @@ def register(app: Flask) -> None:
         run_worker(workers=workers)
 
     _demo_command(app)
+    from webapp.chargers import cli as charger_cli  # gateway, simulate
+
+    charger_cli.register(app)
 
 
 def _demo_password() -> str:

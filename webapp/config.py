@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 INSTANCE = ROOT / "instance"
 
 DEV_SECRET = "dev-insecure-secret-key-change-me"
+DEV_GATEWAY_SECRET = "dev-insecure-gateway-secret"
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("STRIPE_LOCALSTRIPE", "VOLTPAY_STRIPE_LOCALSTRIPE", False, "talk to localstripe: switch on its compatibility adjustments (demo and tests only)", bool),
     Setting("API_TOKEN_DAYS", "VOLTPAY_API_TOKEN_DAYS", 30, "lifetime of API bearer tokens in days", int),
     Setting("LOG_LEVEL", "VOLTPAY_LOG_LEVEL", "INFO", "log level of the JSON logs"),
+    Setting("GATEWAY_HOST", "VOLTPAY_GATEWAY_HOST", "127.0.0.1", "address the charger gateway listens on for OCPP websockets (ws://HOST:PORT/ocpp/<charge point id>)"),
+    Setting("GATEWAY_PORT", "VOLTPAY_GATEWAY_PORT", 9000, "port of the charger gateway's OCPP websockets", int),
+    Setting("GATEWAY_INTERNAL_HOST", "VOLTPAY_GATEWAY_INTERNAL_HOST", "127.0.0.1", "address of the gateway's internal command endpoint (never expose it publicly)"),
+    Setting("GATEWAY_INTERNAL_PORT", "VOLTPAY_GATEWAY_INTERNAL_PORT", 9001, "port of the gateway's internal command endpoint", int),
+    Setting("GATEWAY_INTERNAL_URL", "VOLTPAY_GATEWAY_INTERNAL_URL", None, "URL at which web processes reach this gateway's internal endpoint; default: http://INTERNAL_HOST:INTERNAL_PORT"),
+    Setting("GATEWAY_SECRET", "VOLTPAY_GATEWAY_SECRET", None, "shared secret of web processes and gateways for charger commands; required in production"),
+    Setting("GATEWAY_TIMEOUT", "VOLTPAY_GATEWAY_TIMEOUT", 12.0, "seconds the gateway waits for a charger to answer a command", float),
+    Setting("HEARTBEAT_INTERVAL", "VOLTPAY_HEARTBEAT_INTERVAL", 300, "heartbeat interval in seconds given to chargers at boot", int),
 )
 
 
@@ -75,6 +84,8 @@ def from_environment(environ: dict[str, str] | None = None) -> dict[str, object]
             config[s.key] = _bool(raw)
         elif s.kind is int:
             config[s.key] = int(raw)
+        elif s.kind is float:
+            config[s.key] = float(raw)
         else:
             config[s.key] = raw
     return config
@@ -98,10 +109,14 @@ def finalize(config: dict[str, object]) -> None:
         for key in ("STRIPE_SECRET_KEY", "STRIPE_PUBLISHABLE_KEY", "STRIPE_WEBHOOK_SECRET"):
             if not config.get(key):
                 missing.append(f"VOLTPAY_{key}")
+        if not config.get("GATEWAY_SECRET") or config["GATEWAY_SECRET"] == DEV_GATEWAY_SECRET or len(str(config["GATEWAY_SECRET"])) < 32:
+            missing.append("VOLTPAY_GATEWAY_SECRET (a random string of at least 32 characters, the same for web and gateway processes)")
         if config.get("STRIPE_LOCALSTRIPE"):
             raise ConfigError("VOLTPAY_STRIPE_LOCALSTRIPE is for the demo and tests; unset it in production")
         if missing:
             raise ConfigError("Voltpay refuses to start in production without: " + ", ".join(missing))
+    if not config.get("GATEWAY_SECRET"):
+        config["GATEWAY_SECRET"] = DEV_GATEWAY_SECRET  # development and tests only (production refused above)
     if not config.get("DATABASE_URL"):
         INSTANCE.mkdir(exist_ok=True)
         config["DATABASE_URL"] = f"sqlite:///{INSTANCE / 'voltpay.db'}"

@@ -16,7 +16,8 @@ def test_production_refuses_missing_secret_and_database(monkeypatch):
     assert "VOLTPAY_SECRET_KEY" in str(e.value) and "VOLTPAY_DATABASE_URL" in str(e.value)
 
 
-PRODUCTION_STRIPE = {"STRIPE_SECRET_KEY": "sk_live_x", "STRIPE_PUBLISHABLE_KEY": "pk_live_x", "STRIPE_WEBHOOK_SECRET": "whsec_x"}
+PRODUCTION_STRIPE = {"STRIPE_SECRET_KEY": "sk_live_x", "STRIPE_PUBLISHABLE_KEY": "pk_live_x", "STRIPE_WEBHOOK_SECRET": "whsec_x",
+                     "GATEWAY_SECRET": "g" * 40}
 
 
 def test_production_refuses_short_secret(database_url):

@@ -489,3 +489,21 @@ def test_settling_twice_at_once_and_the_webhook_capture_once(card_site, stripe_c
         row = s.get(CardPayment, done.card_payment_id)
         assert row.state == State.SUCCEEDED and row.captured_minor == 127
         assert s.scalar(select(func.count()).select_from(JournalEntry).where(JournalEntry.reference == f"session:{cs.id}")) == 1
+
+
+def test_a_lost_remote_stop_is_asked_for_again_while_the_charger_keeps_charging(site):
+    ana = driver(site)
+    cs = start(site, ana, max_energy_kwh=D(2)).session
+    t0 = utcnow()
+    ans = event(site, service.start_transaction, connector_number=1, id_tag=cs.id_tag, meter_start_wh=D(0), timestamp=t0, now=t0)
+
+    def reading(sec, wh):
+        at = t0 + dt.timedelta(seconds=sec)
+        return event(site, service.meter_values, connector_number=1, transaction_id=ans.transaction_id,
+                     readings=[Reading(at, D(wh), D(11000))], now=at)
+
+    assert reading(60, 1000).stop_transaction_id is None
+    first = reading(120, 2000)
+    assert (first.stop_transaction_id, first.stop_reason) == (cs.id, "energy_limit")  # the driver's limit, named as such
+    assert reading(130, 2050).stop_transaction_id is None  # the stop is on its way
+    assert reading(160, 2200).stop_transaction_id == cs.id  # 30 s later and still charging: ask again

@@ -216,3 +216,23 @@ def test_the_price_macro_renders_the_lines(demo, client, clock):
         html = render_template_string('{% from "_price.html" import price_table %}{{ price_table(prices) }}', prices=prices)
     assert html.count('<div class="price-line') == 5
     assert "0,5445\xa0€" in html and "lunes" in html
+
+
+def test_the_status_says_whether_a_session_can_start_now(demo, client):
+    from webapp.charging.models import ChargerConnection
+
+    assert {get(client, code).json["status"] for code in ("D101", "D201")} == {"offline"}  # no gateway holds the demo chargers
+    with demo.extensions["db_sessionmaker"].begin() as s:
+        charger = s.scalar(select(Charger).where(Charger.charge_point_id == "DEMO-CP-1"))
+        s.add(ChargerConnection(charger_id=charger.id, gateway_url="http://gateway.invalid", connection_id="c1"))
+    assert (get(client, "D101").json["status"], get(client, "D201").json["status"]) == ("available", "offline")
+
+    def report(code: str, status: str) -> None:
+        with demo.extensions["db_sessionmaker"].begin() as s:
+            s.scalar(select(Connector).where(Connector.connector_code == code)).status = status
+
+    report("D101", "Faulted")
+    report("D102", "Charging")  # another car, started without us (an RFID card, the charger's own button)
+    assert (get(client, "D101").json["status"], get(client, "D102").json["status"]) == ("faulted", "in_use")
+    report("D101", "Preparing")  # a cable plugged in, waiting for an authorisation: ours to give
+    assert get(client, "D101").json["status"] == "available"

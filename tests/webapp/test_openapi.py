@@ -71,7 +71,8 @@ CONFIG = {
     "dictionaries": {"email": {"values": [EMAIL]}, "password": {"values": [PASSWORD]}, "token-id": {"values": [1]},
                      "connector-code": {"values": ["D101", "D201"]},
                      "card-id": {"values": ["pm_seeded_card"]}, "setup-id": {"values": ["seti_seeded_setup"]}, "top-up-id": {"values": [1]},
-                     "top-up-cents": {"values": [500, 2500, 50000]}, "wallet-currency": {"values": ["EUR"]}},
+                     "top-up-cents": {"values": [500, 2500, 50000]}, "wallet-currency": {"values": ["EUR"]},
+                     "session-id": {"values": [1]}, "payment-type": {"values": ["wallet", "card"]}, "cap-cents": {"values": [800, 1500]}},
     "parameters": {
         "body.email": {"dictionary": "email", "probability": 0.5},
         "body.password": {"dictionary": "password", "probability": 0.5},
@@ -83,6 +84,14 @@ CONFIG = {
         "path.top_up_id": {"dictionary": "top-up-id", "probability": 0.5},
         "body.amount.amount": {"dictionary": "top-up-cents", "probability": 0.6},
         "body.amount.currency": {"dictionary": "wallet-currency", "probability": 0.8},
+        # Session starts often name a demo connector of the online charger, the seeded card, and a cap the seeded wallet can
+        # hold, so sessions really start (against the charger stand-in); session operations often name the seeded session.
+        "body.connector_code": {"dictionary": "connector-code", "probability": 0.6},
+        "body.payment.type": {"dictionary": "payment-type", "probability": 0.6},
+        "body.payment.payment_method_id": {"dictionary": "card-id", "probability": 0.6},
+        "body.cap.amount": {"dictionary": "cap-cents", "probability": 0.6},
+        "body.cap.currency": {"dictionary": "wallet-currency", "probability": 0.8},
+        "path.session_id": {"dictionary": "session-id", "probability": 0.5},
     },
     "operations": [
         {
@@ -91,6 +100,18 @@ CONFIG = {
             # GET /wallet), and the bank may decline (402). The other positive-data statuses stay as they are.
             "include-operation-id": "createTopUp",
             "checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", "3xx", "401", "402", "403", "404", "409", "422", "429", "5xx"]}},
+        },
+        {
+            # A well-formed start may be refused for what no schema can say: the email must be deliverable-looking, the card one
+            # of the account's (422), a guest cannot pay from a wallet (401), the cap within what a session costs (422), the
+            # wallet must hold the hold and the bank may decline (402).
+            "include-operation-id": "createSession",
+            "checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", "3xx", "401", "402", "403", "404", "409", "422", "429", "5xx"]}},
+        },
+        {
+            # Confirming answers like the start: 402 when the bank refused the hold.
+            "include-operation-id": "confirmSession",
+            "checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", "3xx", "401", "402", "403", "404", "409", "429", "5xx"]}},
         },
     ],
 }
@@ -142,7 +163,11 @@ class SeededAccount:
         if case.path_parameters:
             case.path_parameters = {k: self.ids.get(v, v) if isinstance(v, str) else v for k, v in case.path_parameters.items()}
         if isinstance(case.body, dict):
-            case.body = {k: self.ids.get(v, v) if isinstance(v, str) else v for k, v in case.body.items()}
+            case.body = self._filled(case.body)
+
+    def _filled(self, body: dict) -> dict:
+        """``body`` with the placeholders replaced, in nested objects too (a session's ``payment``)."""
+        return {k: self.ids.get(v, v) if isinstance(v, str) else self._filled(v) if isinstance(v, dict) else v for k, v in body.items()}
 
     def token(self) -> str:
         with self.app.extensions["db_sessionmaker"].begin() as s:
@@ -185,6 +210,27 @@ def seed_wallet(app, user, config: dict) -> dict[str, str]:
     return {"pm_seeded_card": card.id, "seti_seeded_setup": confirmed.id}
 
 
+def seed_session(app, user) -> None:
+    """The demo charger DEMO-CP-1 online (D101, D102), answered by the charger stand-in, and a session of the seeded account (id 1)."""
+    from payments.money import Money
+    from tests.webapp.test_sessions_api import ChargerStandIn
+    from webapp.charging import service
+    from webapp.charging.models import ChargerConnection, PaymentKind
+    from webapp.models import Charger, Connector, User
+
+    app.extensions["charger_gateway"] = ChargerStandIn()
+    with app.extensions["db_sessionmaker"]() as s:
+        charger = s.scalar(select(Charger).where(Charger.charge_point_id == "DEMO-CP-1"))
+        s.add(ChargerConnection(charger_id=charger.id, gateway_url="http://gateway.invalid", connection_id="seeded"))
+        s.commit()
+        connector = s.scalar(select(Connector).where(Connector.connector_code == "D102"))
+        request = service.StartRequest(connector=connector, user=s.get(User, user.id), email=None, payment_kind=PaymentKind.WALLET,
+                                       cap=Money(1000, "EUR"))
+        with app.app_context():
+            started = service.start_session(s, None, app.extensions["charger_gateway"], request, now=utcnow())
+        assert (started.session.id, started.session.state.value) == (1, "start_requested"), "the seeded session must be id 1 and started"
+
+
 @pytest.fixture
 def account(app, make_user, stripe_config):
     """The seeded account, with its first token (id 1); generated requests go to this test's app."""
@@ -198,6 +244,7 @@ def account(app, make_user, stripe_config):
     with app.extensions["db_sessionmaker"]() as s:
         assert s.scalars(select(ApiToken.id)).all() == [1], "token ids must start at 1 on empty tables"
     acc.ids = seed_wallet(app, user, stripe_config)
+    seed_session(app, user)
     RUNNING_APP.current = app
     yield acc
     RUNNING_APP.current = None
@@ -294,12 +341,18 @@ def test_document_is_openapi_3_1_and_lists_every_route(app):
 def test_every_operation_is_named_and_protected_ones_say_so(app):
     doc = app.test_client().get(SPEC).json
     public = {("post", "/auth/token"), ("get", "/openapi.json"), ("get", "/connectors/{connector_code}")}
+    # A guest may start a session and then see, stop or confirm it with its X-Session-Token: the token is optional there.
+    account_or_guest = {("post", "/sessions"), ("get", "/sessions/{session_id}"), ("post", "/sessions/{session_id}/stop"),
+                        ("post", "/sessions/{session_id}/confirm")}
     ids = []
     for path, item in doc["paths"].items():
         for method, op in item.items():
             ids.append(op["operationId"])
             if (method, path) in public:
                 assert "security" not in op, (method, path)
+            elif (method, path) in account_or_guest:
+                assert op["security"] == [{"bearer": []}, {}], (method, path)
+                assert "401" in op["responses"], (method, path)  # a token that is sent must be valid
             else:
                 assert op["security"] == [{"bearer": []}], (method, path)
                 assert "401" in op["responses"], (method, path)
@@ -425,3 +478,83 @@ def test_hand_made_wallet_answers_conform(app, account, stripe_config):
     assert documented_outage("GET", "/payment-methods", headers=bearer).status_code == 503
     app.extensions["payment_provider"] = None
     assert documented_outage("POST", "/payment-methods/setup", headers=bearer).json()["code"] == "payments_unavailable"
+
+
+def test_hand_made_session_answers_conform(app, account, stripe_config):
+    """Guest and account starts, 3-D Secure, declines, refusals, stops, the list and outages, checked against the document."""
+    from webapp.charging.models import CommandStatus
+    from tests.stripe_browser import DECLINED_AT_CHARGE, THREE_D_SECURE, VISA, browser_card, pass_3ds
+    from tests.webapp.test_wallet_api import ChargesGoNowhere, closed_provider
+
+    loaded = schemathesis.openapi.from_wsgi(SPEC, app)
+    bearer = {"Authorization": f"Bearer {account.token()}"}
+    as_json = {"media_type": "application/json"}
+    charger = app.extensions["charger_gateway"]
+
+    def start(body: dict, headers: dict | None = None, checks=CONFORMANCE):
+        case = loaded["/sessions"]["POST"].Case(body=body, headers=headers or {}, **as_json)
+        response = case.call()
+        case.validate_response(response, checks=checks)
+        return response
+
+    def guest_card(number: str, code: str = "D101", **extra) -> dict:
+        return {"connector_code": code, "payment": {"type": "card", "payment_method_id": browser_card(stripe_config, number)},
+                "email": "gus@example.com", **extra}
+
+    def as_guest(token: str) -> dict:
+        return {"X-Session-Token": token}
+
+    declined = start(guest_card(DECLINED_AT_CHARGE))
+    assert declined.status_code == 402 and declined.json()["session_token"] and declined.json()["decline_reason"]
+    pending = start(guest_card(THREE_D_SECURE))
+    assert pending.status_code == 201 and pending.json()["state"] == "pending" and pending.json()["client_secret"]
+    session = {"session_id": pending.json()["id"]}
+    token = as_guest(pending.json()["session_token"])
+    assert validate(loaded, "GET", "/sessions/{session_id}", path_parameters=session, headers=token).json()["client_secret"]
+    assert start(guest_card(VISA)).json()["code"] == "connector_busy"
+    pass_3ds(stripe_config, pending.json()["client_secret"].split("_secret")[0], pending.json()["client_secret"])
+    confirmed = validate(loaded, "POST", "/sessions/{session_id}/confirm", path_parameters=session, headers=token)
+    assert confirmed.status_code == 200 and confirmed.json()["state"] == "start_requested"
+    stopped = validate(loaded, "POST", "/sessions/{session_id}/stop", path_parameters=session, headers=token)
+    assert stopped.status_code == 202 and stopped.json()["state"] == "cancelled"
+    assert validate(loaded, "POST", "/sessions/{session_id}/stop", path_parameters=session, headers=token).status_code == 409
+    assert validate(loaded, "GET", "/sessions/{session_id}", path_parameters=session).status_code == 404
+    assert validate(loaded, "GET", "/sessions/{session_id}", path_parameters=session, headers={"Authorization": "Bearer nope"}).status_code == 401
+
+    assert start({"connector_code": "D101", "payment": {"type": "wallet"}}).json()["code"] == "wallet_needs_account"
+    assert start({"connector_code": "D201", "payment": {"type": "wallet"}}, bearer).json()["code"] == "charger_offline"
+    assert start({"connector_code": "NOPE", "payment": {"type": "wallet"}}, bearer).status_code == 404
+    assert start({"connector_code": "D101", "payment": {"type": "wallet"}}, bearer).json()["code"] == "wallet_insufficient"
+    assert start({"connector_code": "D101", "payment": {"type": "wallet"}, "cap": {"amount": 1, "currency": "USD"}}, bearer).json()["currency"] == "EUR"
+    assert start({"connector_code": "D101", "payment": {"type": "card", "payment_method_id": "pm_not_mine"}}, bearer).status_code == 422
+    charger.answer = CommandStatus.REJECTED
+    rejected = start({"connector_code": "D101", "payment": {"type": "wallet"}, "cap": {"amount": 800, "currency": "EUR"}}, bearer)
+    assert rejected.status_code == 409 and rejected.json()["code"] == "charger_rejected" and "session_token" not in rejected.json()
+    charger.answer = CommandStatus.ACCEPTED
+    own = start({"connector_code": "D101", "payment": {"type": "card", "payment_method_id": account.ids["pm_seeded_card"]}}, bearer)
+    assert own.status_code == 201 and "session_token" not in own.json()
+    listed = validate(loaded, "GET", "/sessions", headers=bearer, query={"limit": 2})
+    assert [s["id"] for s in listed.json()["data"]][0] == own.json()["id"] and listed.json()["next_before"]
+    assert validate(loaded, "GET", "/sessions", headers=bearer, query={"state": "nope"}).status_code == 422
+
+    # Outages: documented, but still server errors
+    without_5xx = [check for check in CONFORMANCE if check is not not_a_server_error]
+    charger.answer = CommandStatus.TIMEOUT
+    from webapp.charging import service
+    from webapp.charging.models import ChargingSession
+
+    with app.app_context(), app.extensions["db_sessionmaker"]() as s:
+        cs = s.get(ChargingSession, own.json()["id"])
+        now = utcnow()
+        service.start_transaction(s, cs.connector.charger, connector_number=cs.connector.number, id_tag=cs.id_tag, meter_start_wh=0,
+                                  timestamp=now, now=now)
+        s.commit()
+    case = loaded["/sessions/{session_id}/stop"]["POST"].Case(path_parameters={"session_id": own.json()["id"]}, headers=bearer)
+    timed_out = case.call()
+    case.validate_response(timed_out, checks=without_5xx)
+    assert timed_out.status_code == 504 and timed_out.json()["code"] == "charger_not_answering"
+    seeded = validate(loaded, "POST", "/sessions/{session_id}/stop", path_parameters={"session_id": 1}, headers=bearer)
+    assert seeded.json()["state"] == "cancelled"  # D102 is free again
+    app.extensions["payment_provider"] = ChargesGoNowhere(app.extensions["payment_provider"], closed_provider(stripe_config))
+    outage = start(guest_card(VISA, "D102"), {"Idempotency-Key": "hand-made-outage"}, checks=without_5xx)
+    assert outage.status_code == 503 and outage.json()["session_id"] and outage.json()["session_token"]

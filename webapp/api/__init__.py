@@ -254,3 +254,5 @@ def openapi():
 from webapp.api import wallet as _wallet_routes  # noqa: E402,F401
 # The public connector look-up (prices before paying) too.
 from webapp.api import connectors as _connector_routes  # noqa: E402,F401
+# Charging sessions: start (account or guest), follow, stop, 3-D Secure, list.
+from webapp.api import sessions as _session_routes  # noqa: E402,F401

@@ -2,10 +2,12 @@
 
 Public (no token): the connector, its charger and site, the prices of the tariff
 version in force now (structured, and as text in the request's language), the
-raw OCPI tariff with its version id, and the default card hold with the limits
-at which that session would stop. The body is written with exact numbers: the
-OCPI tariff's prices are JSON numbers as stored (never through float), our own
-prices are Decimal strings, money is ``{"amount", "currency"}``.
+raw OCPI tariff with its version id, the default card hold with the limits
+at which that session would stop, and whether a session can start now
+(``status``: available, in_use, faulted, unavailable, offline). The body is
+written with exact numbers: the OCPI tariff's prices are JSON numbers as
+stored (never through float), our own prices are Decimal strings, money is
+``{"amount", "currency"}``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from payments.price_display import default_hold, decimal_text, price_display
 from payments.tariff_store import connector_owner, dumps, tariff_in_force
 from payments.tariffs import PricingError, TariffNotActive
 from webapp.api import bp
+from webapp.charging.service import availability
 from webapp.db import db_session, utcnow
 from webapp.errors import Problem
 from webapp.extensions import limiter
@@ -62,6 +65,7 @@ def connector_json(connector: Connector) -> dict:
         "site": {"name": site.name, "address": site.address, "time_zone": site.time_zone},
         "currency": site.currency,
         "available_for_payment": False,
+        "status": availability(db_session(), connector),
         "prices": None,
         "display": None,
         "tariff": None,

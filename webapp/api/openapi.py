@@ -60,7 +60,12 @@ SCHEMAS = {
             "top_up_id": {"type": "integer", "minimum": 1, "description": "The top-up this answer is about; see GET /wallet/top-ups/{top_up_id}"},
             "minimum": {"$ref": "#/components/schemas/Money"},
             "maximum": {"$ref": "#/components/schemas/Money"},
-            "currency": {"type": "string", "pattern": "^[A-Z]{3}$", "description": "`wrong_currency`: the wallet's currency"},
+            "currency": {"type": "string", "pattern": "^[A-Z]{3}$",
+                         "description": "`wrong_currency`: the wallet's currency; `cap_currency`, `wallet_currency`: the charger's currency"},
+            "session_id": {"type": "integer", "minimum": 1,
+                           "description": "The charging session this answer is about (it exists; see GET /sessions/{session_id})"},
+            "session_token": {"type": "string", "pattern": "^[A-Za-z0-9_-]{16,64}$",
+                              "description": "A guest's session token, in the answer that created the session (send it as X-Session-Token)"},
         },
     },
     "TokenRequest": {
@@ -586,8 +591,8 @@ CONNECTOR_SCHEMAS = {
     },
     "Connector": {
         "type": "object",
-        "required": ["connector_code", "number", "standard", "max_power_kw", "charger", "site", "currency", "available_for_payment", "prices",
-                     "display", "tariff", "default_hold", "hold_limits"],
+        "required": ["connector_code", "number", "standard", "max_power_kw", "charger", "site", "currency", "available_for_payment", "status",
+                     "prices", "display", "tariff", "default_hold", "hold_limits"],
         "additionalProperties": False,
         "properties": {
             "connector_code": {"type": "string", "pattern": CONNECTOR_CODE},
@@ -608,6 +613,11 @@ CONNECTOR_SCHEMAS = {
             },
             "currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
             "available_for_payment": {"type": "boolean", "description": "false when no tariff is in force now: a session cannot be paid for"},
+            "status": {
+                "enum": ["available", "in_use", "faulted", "unavailable", "offline"],
+                "description": "Whether a session can start now: `available`; `in_use` (a session or another car holds it); `faulted` or "
+                "`unavailable` (out of order); `offline` (the charger is not connected)",
+            },
             "prices": _nullable("Prices"),
             "display": _nullable("PriceText"),
             "tariff": _nullable("TariffVersionRef"),
@@ -644,6 +654,261 @@ def connector_paths() -> dict:
     }
 
 
+# --- charging sessions (webapp/api/sessions.py) -------------------------------------------------
+
+SESSION_STATES = ["pending", "authorized", "start_requested", "charging", "finishing", "completed", "cancelled", "start_failed",
+                  "start_timeout", "failed", "review"]
+SESSION_TOKEN = "^[A-Za-z0-9_-]{16,64}$"
+_DATETIME_OR_NULL = {"type": ["string", "null"], "format": "date-time"}
+
+SESSION_SCHEMAS = {
+    "StartSessionRequest": {
+        "type": "object",
+        "description": "With a bearer token: the account pays from its wallet or with a saved card (`email` is ignored: the receipt goes "
+        "to the account's address). Without one: a guest pays with a card from the card element and gives `email`.",
+        "required": ["connector_code", "payment"],
+        "properties": {
+            "connector_code": {"type": "string", "minLength": 1, "maxLength": 16, "pattern": CONNECTOR_CODE, "description": "The code under the QR code"},
+            "payment": {
+                "oneOf": [
+                    {"type": "object", "required": ["type"], "additionalProperties": False, "properties": {"type": {"const": "wallet"}},
+                     "description": "The account's wallet (a bearer token is needed)"},
+                    {"type": "object", "required": ["type", "payment_method_id"], "additionalProperties": False,
+                     "properties": {"type": {"const": "card"}, "payment_method_id": {"type": "string", "pattern": PM_ID}},
+                     "description": "A saved card of the account (GET /payment-methods), or a guest's card from the card element"},
+                ],
+            },
+            "email": {"type": "string", "maxLength": 254, "pattern": "^[^@\\s]+@[^@\\s]+$", "description": "Guests: where the receipt and the session link go"},
+            "cap": {"$ref": "#/components/schemas/Money", "description": "A spending cap, VAT included, in the charger's currency: the hold is "
+                    "lowered to it and the session stops there (a cap above the default hold changes nothing)"},
+            "max_energy_kwh": {"type": "string", "pattern": "^[0-9]{1,4}(\\.[0-9]{1,3})?$", "description": "Stop after this much energy, e.g. \"12.5\""},
+        },
+    },
+    "ChargingSession": {
+        "type": "object",
+        "description": "Closed where it is used (`unevaluatedProperties: false`), so StartedSession can add `session_token`.",
+        "required": ["id", "state", "connector", "payment", "hold", "cap", "max_energy_kwh", "energy_kwh", "power_kw", "duration_s", "cost",
+                     "final", "stop_requested", "created_at", "started_at", "stopped_at", "ended_at", "failure_code", "links"],
+        "properties": {
+            "id": {"type": "integer", "minimum": 1},
+            "state": {
+                "enum": SESSION_STATES,
+                "description": "`pending`: the card hold waits for 3-D Secure (`client_secret`) or for the provider; `start_requested`: the "
+                "charger was asked to start, plug in the car; `charging`; `finishing`: stopped, the car may still be plugged in (idle time); "
+                "`completed`: billed. Ended without charging (nothing held): `cancelled`, `start_failed`, `start_timeout`, `failed`. "
+                "`review`: a person settles it.",
+            },
+            "connector": {
+                "type": "object",
+                "required": ["connector_code", "number", "site"],
+                "additionalProperties": False,
+                "properties": {
+                    "connector_code": {"type": "string"},
+                    "number": {"type": "integer", "minimum": 1},
+                    "site": {"type": "object", "required": ["name"], "additionalProperties": False, "properties": {"name": {"type": "string"}}},
+                },
+            },
+            "payment": {
+                "type": "object",
+                "required": ["type", "card"],
+                "additionalProperties": False,
+                "properties": {
+                    "type": {"enum": ["wallet", "card"]},
+                    "card": {
+                        "type": ["object", "null"],
+                        "required": ["brand", "last4"],
+                        "additionalProperties": False,
+                        "properties": {"brand": {"type": ["string", "null"]}, "last4": {"type": ["string", "null"]}},
+                    },
+                },
+            },
+            "hold": {"$ref": "#/components/schemas/Money", "description": "Reserved for this session: the session stops before its cost passes it"},
+            "cap": {**_nullable("Money"), "description": "The driver's spending cap, when it lowered the hold"},
+            "max_energy_kwh": {**DECIMAL, "description": "The session stops at this energy"},
+            "energy_kwh": {"type": "string", "pattern": "^-?[0-9]+(\\.[0-9]+)?$",
+                           "description": "Delivered so far (negative only when the meter went backwards: the session goes to review)"},
+            "power_kw": {**DECIMAL_OR_NULL, "description": "The last power the charger reported"},
+            "duration_s": {"type": "integer", "minimum": 0, "description": "Charging time so far (until the stop)"},
+            "cost": {"$ref": "#/components/schemas/Money", "description": "Cost so far, VAT included (when completed: what was captured)"},
+            "final": {
+                "type": ["object", "null"],
+                "description": "The bill, once completed: the priced cost and what was captured (min(cost, hold), or 0 below the site's minimum)",
+                "required": ["excl_vat", "vat", "incl_vat", "captured"],
+                "additionalProperties": False,
+                "properties": {k: {"$ref": "#/components/schemas/Money"} for k in ("excl_vat", "vat", "incl_vat", "captured")},
+            },
+            "stop_requested": {"type": "boolean"},
+            "created_at": {"type": "string", "format": "date-time"},
+            "started_at": _DATETIME_OR_NULL,
+            "stopped_at": _DATETIME_OR_NULL,
+            "ended_at": {**_DATETIME_OR_NULL, "description": "The car left (idle time ends)"},
+            "failure_code": {"type": ["string", "null"], "description": "Why it ended without charging, or went to review"},
+            "links": {
+                "type": "object",
+                "required": ["self", "stop"],
+                "additionalProperties": False,
+                "properties": {"self": {"type": "string"}, "stop": {"type": "string"}, "confirm": {"type": "string", "description": "While pending"}},
+            },
+            "client_secret": {"type": "string", "description": "Only while `pending` for 3-D Secure: confirm it with stripe.js "
+                              "`confirmCardPayment` or the mobile SDK, then POST /sessions/{session_id}/confirm"},
+        },
+    },
+    "StartedSession": {
+        "allOf": [
+            {"$ref": "#/components/schemas/ChargingSession"},
+            {"type": "object", "properties": {"session_token": {
+                "type": "string", "pattern": SESSION_TOKEN,
+                "description": "Guests only, in this answer only: send it as X-Session-Token to see, stop or confirm the session"}}},
+        ],
+        "unevaluatedProperties": False,
+    },
+    "ChargingSessionList": {
+        "type": "object",
+        "required": ["data", "next_before"],
+        "additionalProperties": False,
+        "properties": {
+            "data": {"type": "array", "items": {"$ref": "#/components/schemas/ChargingSession", "unevaluatedProperties": False}, "description": "Newest first"},
+            "next_before": {"type": ["integer", "null"], "minimum": 1, "description": "Pass as `before` for the next page; null on the last page"},
+        },
+    },
+}
+
+
+def session_paths(secured: list) -> dict:
+    """The charging-session operations (webapp/api/sessions.py)."""
+    # A bearer token or a guest's session token; neither (or a token that is not the session's) is 404.
+    account_or_guest = [{"bearer": []}, {}]
+    session_id = {"name": "session_id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID}}
+    session_token = {"name": "X-Session-Token", "in": "header", "required": False,
+                     "description": "A guest's session token (from the answer that created the session, or the emailed link)",
+                     "schema": {"type": "string", "pattern": SESSION_TOKEN}}
+    no_store = {"Cache-Control": {"required": True, "schema": {"const": "no-store"}}}
+    unauthorized = _unauthorized("Malformed Authorization header (`unauthenticated`); unknown, revoked or expired token (`invalid_token`)")
+    not_found = _problem("No such session, or not yours: no token, another account's, or not its X-Session-Token (`not_found`)")
+
+    def one_session(description: str) -> dict:
+        schema = {"$ref": "#/components/schemas/ChargingSession", "unevaluatedProperties": False}
+        return {"description": description, "content": {"application/json": {"schema": schema}}, "headers": no_store}
+
+    bad_body = {"413": _problem("Body larger than 2 MiB (`too_large`)"), "415": _problem("Body is not JSON (`unsupported_media_type`)")}
+    return {
+        "/sessions": {
+            "post": {
+                "operationId": "createSession",
+                "summary": "Start charging: hold the money (wallet, saved card or a guest's card), then ask the charger to start",
+                "description": "The bearer token is optional: without one the caller is a guest, pays by card and gives `email`; the answer "
+                "then carries `session_token` (shown only in the answer that created the session). 201 means the session is under way: "
+                "`start_requested` (plug in the car), or `pending` with `client_secret` for 3-D Secure (then POST .../confirm). A session "
+                "created but ended at once is a problem with `session_id`: 402 (hold refused) or 409 (the charger did not start). With an "
+                "Idempotency-Key (scoped per account, or per guest email) the same key and body replay the first answer "
+                "(`Idempotent-Replayed: true`) without a second hold.",
+                "security": account_or_guest,
+                "parameters": [
+                    {"name": "Idempotency-Key", "in": "header", "required": False,
+                     "description": "A unique key per session the client means to start (e.g. a UUID), kept 24 hours",
+                     "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "\\S"}},
+                ],
+                "requestBody": _body("StartSessionRequest"),
+                "responses": {
+                    "201": _with_headers(_json("StartedSession", "The session, under way or waiting for 3-D Secure"),
+                                         {**_REPLAYED, **no_store, "Location": {"schema": {"type": "string"}}}),
+                    "400": _problem("Idempotency-Key empty or longer than 255 characters (`invalid_idempotency_key`)"),
+                    "401": _with_headers(_unauthorized("As everywhere (`unauthenticated`, `invalid_token`); or a guest asked to pay from a "
+                                                       "wallet (`wallet_needs_account`)"), _REPLAYED),
+                    "402": _with_headers(_problem("The session was created but the hold was refused, nothing is held: `card_declined` (see "
+                                                  "`decline_reason`), `payment_failed`, `wallet_insufficient`; see `session_id`"), _REPLAYED),
+                    "404": _with_headers(_problem("No connector has this code (`connector_not_found`)"), _REPLAYED),
+                    "409": _with_headers(_problem(
+                        "Nothing was started and nothing is held: the connector is in use (`connector_busy`), its charger is offline "
+                        "(`charger_offline`), it is out of order (`connector_faulted`), it has no price now (`no_tariff`), or a request "
+                        "with this Idempotency-Key is still running (`request_in_progress`, with Retry-After). With `session_id`: the "
+                        "session was created and the charger did not start (`charger_rejected`, `charger_offline`); nothing is held"), _REPLAYED),
+                    **bad_body,
+                    "422": _with_headers(_problem(
+                        "Body not a JSON object (`invalid_json`); a field missing or malformed (`invalid_request`, see `errors`); cap "
+                        "below the least a session costs (`cap_too_low`, with `minimum` when it can be named); cap or wallet not in the charger's currency "
+                        "(`cap_currency`, `wallet_currency`, with `currency`); energy limit of zero (`energy_cap_invalid`); a guest without "
+                        "email (`email_required`); a card that is not one of the account's saved cards, or that the provider does not know "
+                        "(`unknown_payment_method`); Idempotency-Key used for another request (`idempotency_key_reused`)"), _REPLAYED),
+                    "429": _problem("Too many starts from this address (`rate_limited`)", {"Retry-After": {"$ref": "#/components/headers/Retry-After"}}),
+                    "502": _with_headers(_problem("The card payment service refused to work (`provider_error`); see `session_id` if set"), _REPLAYED),
+                    "503": _with_headers(_problem(
+                        _UNAVAILABLE + "; chargers cannot be reached from here (`chargers_unavailable`). With `session_id`: the session "
+                        "was created and its hold is settled later (the session shows it): look it up instead of starting again"), _REPLAYED),
+                },
+            },
+            "get": {
+                "operationId": "listSessions",
+                "summary": "The account's charging sessions, newest first",
+                "security": secured,
+                "parameters": [
+                    {"name": "before", "in": "query", "required": False, "description": "`next_before` of the previous page",
+                     "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID}},
+                    {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
+                    {"name": "state", "in": "query", "required": False, "description": "Only sessions in this state", "schema": {"enum": SESSION_STATES}},
+                ],
+                "responses": {
+                    "200": _with_headers(_json("ChargingSessionList", "One page of sessions"), no_store),
+                    "422": _problem("`before`, `limit` or `state` not valid (`invalid_request`, see `errors`)"),
+                    **COMMON_ERRORS,
+                },
+            },
+        },
+        "/sessions/{session_id}": {
+            "get": {
+                "operationId": "getSession",
+                "summary": "A session as it stands now: state, energy, power, duration, cost so far, and the bill when completed",
+                "security": account_or_guest,
+                "parameters": [session_id, session_token],
+                "responses": {
+                    "200": one_session("The session (`client_secret` while 3-D Secure waits)"),
+                    "401": unauthorized,
+                    "404": not_found,
+                },
+            }
+        },
+        "/sessions/{session_id}/stop": {
+            "post": {
+                "operationId": "stopSession",
+                "summary": "Stop charging (before the car charges: cancel and release the hold)",
+                "description": "202 with the session: `cancelled` (it had not started charging; the hold is released), or `charging` with "
+                "`stop_requested` (the charger was told to stop; billing follows its stop), or `finishing` (already stopped).",
+                "security": account_or_guest,
+                "parameters": [session_id, session_token],
+                "responses": {
+                    "202": one_session("The session after the stop request"),
+                    "401": unauthorized,
+                    "404": not_found,
+                    "409": _problem("The session has already ended (`not_stoppable`); the charger is offline, so unplugging the cable stops "
+                                    "it (`charger_offline`); the charger refused (`stop_rejected`)"),
+                    "503": _problem(_UNAVAILABLE + " (releasing a card hold); chargers cannot be reached from here (`chargers_unavailable`)"),
+                    **_PROVIDER_FAILED,
+                    "504": _problem("The charger did not answer (`charger_not_answering`): try again, or unplug the cable"),
+                },
+            }
+        },
+        "/sessions/{session_id}/confirm": {
+            "post": {
+                "operationId": "confirmSession",
+                "summary": "After 3-D Secure in the client: check the card hold, then start the charger",
+                "description": "Answers like the start: 200 with the session under way (or still `pending`), 402 when the bank refused, "
+                "409 when the charger did not start (`session_id` in both). A session that is not waiting for 3-D Secure is answered as it is.",
+                "security": account_or_guest,
+                "parameters": [session_id, session_token],
+                "responses": {
+                    "200": one_session("The session as it stands now"),
+                    "401": unauthorized,
+                    "402": _problem("The hold was refused, nothing is held (`card_declined`, `payment_failed`; see `session_id`)"),
+                    "404": not_found,
+                    "409": _problem("The charger did not start; nothing is held (`charger_rejected`, `charger_offline`; see `session_id`)"),
+                    "503": _problem(_UNAVAILABLE + "; chargers cannot be reached from here (`chargers_unavailable`)"),
+                    **_PROVIDER_FAILED,
+                },
+            }
+        },
+    }
+
+
 def document() -> dict:
     """Build the document (the server URL follows the configured base URL)."""
     secured = [{"bearer": []}]
@@ -660,7 +925,7 @@ def document() -> dict:
         "servers": [{"url": current_app.config["BASE_URL"].rstrip("/") + "/api/v1"}],
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "Token from POST /auth/token"}},
-            "schemas": {**SCHEMAS, **WALLET_SCHEMAS, **CONNECTOR_SCHEMAS},
+            "schemas": {**SCHEMAS, **WALLET_SCHEMAS, **CONNECTOR_SCHEMAS, **SESSION_SCHEMAS},
             "headers": HEADERS,
         },
         "paths": {
@@ -731,5 +996,6 @@ def document() -> dict:
             },
             **wallet_paths(secured),
             **connector_paths(),
+            **session_paths(secured),
         },
     }

@@ -92,6 +92,10 @@ def run_watchdog(now: dt.datetime | None = None) -> dict[str, int]:
         with factory() as s:
             service.review_silent(s, sid, now)
             counts["silent"] += 1
+    for sid in due["unreleased"]:
+        with factory() as s:
+            if _quietly(lambda s, p, i, _now: service.release_leftover(s, p, i), s, provider, sid, now):
+                counts["unreleased"] += 1
     for sid in dict.fromkeys(due["settle"]):
         try:
             settle_now(sid, now)

@@ -84,6 +84,7 @@ from webapp.models import Charger, Connector, Site, User
 log = logging.getLogger("voltpay.charging")
 
 PENDING_TIMEOUT = dt.timedelta(minutes=15)  # a card hold still waiting for 3-D Secure after this is given up
+STOP_RETRY = dt.timedelta(seconds=30)  # a limit's RemoteStop is asked for again after this while readings keep coming
 SETTLE_CLAIM = dt.timedelta(minutes=2)  # a settler that died frees its claim after this
 MAX_SETTLE_ATTEMPTS = 6  # capture attempts before a person looks at it
 SILENCE_TIMEOUT = dt.timedelta(hours=24)  # a charging session with no word from the charger this long goes to review
@@ -92,6 +93,7 @@ MIN_CAPPED_CHARGING = dt.timedelta(minutes=1)  # a cap must allow at least this 
 CHARGING_STATUSES = {"Charging"}
 FAULT_STATUSES = {"Faulted", "Unavailable"}
 FREE_STATUSES = {"Available"}
+NOT_CHARGED = (SessionState.CANCELLED, SessionState.START_FAILED, SessionState.START_TIMEOUT, SessionState.FAILED)
 
 
 class ChargingError(Exception):
@@ -294,6 +296,7 @@ def create_card_hold(
     )
     row.card_brand, row.card_last4 = card_brand, card_last4
     cs.card_payment_id = row.id
+    cs.card_payment = row  # loaded now: no lazy load (and no transaction) right before the provider call
     s.flush()
     return row
 
@@ -336,10 +339,19 @@ def confirm_card_hold(s: Session, provider: PaymentProvider, cs: ChargingSession
     return _follow_card(s, cs, now)
 
 
+def _wallet_hold_placed(s: Session, cs: ChargingSession) -> bool:
+    from payments.ledger import JournalEntry
+
+    return s.scalar(select(JournalEntry.id).where(JournalEntry.idempotency_key == f"{cs.key('wallet')}:hold")) is not None
+
+
 def release(s: Session, provider: PaymentProvider | None, cs: ChargingSession) -> None:
-    """Give the whole hold back (wallet entry, or the card authorisation cancelled). Idempotent."""
+    """Give the whole hold back (wallet entry, or the card authorisation cancelled). Idempotent.
+
+    A card release asks the provider: call it with no transaction open (commit first).
+    """
     if cs.payment_kind is PaymentKind.WALLET:
-        if cs.state not in (SessionState.PENDING, SessionState.FAILED):  # a hold was placed
+        if _wallet_hold_placed(s, cs):
             wallet_mod.release_hold(s, owner=cs.owner, amount=cs.hold, key=cs.key("wallet"))
         return
     row = cs.card_payment
@@ -350,6 +362,34 @@ def release(s: Session, provider: PaymentProvider | None, cs: ChargingSession) -
     if provider is None:
         raise ProviderUnavailable("no payment provider configured")
     cards.release(s, provider, row)
+
+
+def _give_up(s: Session, provider: PaymentProvider | None, cs: ChargingSession, state: SessionState, code: str, now: dt.datetime) -> ChargingSession:
+    """End a session that will not charge (caller holds its row lock) and release its hold. Commits.
+
+    The state change, the freed connector and a wallet release are one
+    transaction. A card release asks the provider after that commit, with no
+    lock held; if the provider does not answer, the watchdog releases it later
+    (``due_work``'s ``unreleased``), so the session is never left holding money.
+    """
+    _end(cs, state, code, now)
+    if cs.payment_kind is PaymentKind.WALLET:
+        release(s, provider, cs)
+        s.commit()
+        return cs
+    s.commit()
+    try:
+        release(s, provider, cs)
+        s.commit()
+    except ProviderError as e:
+        s.rollback()
+        log.warning("hold not released yet", extra={"session": cs.id, "reason": e.code})
+    return cs
+
+
+def _locked(s: Session, session_id: int) -> ChargingSession | None:
+    """The session, re-read under its row lock (what another process committed meanwhile is seen)."""
+    return s.scalar(select(ChargingSession).where(ChargingSession.id == session_id).with_for_update().execution_options(populate_existing=True))
 
 
 # --------------------------------------------------------------------------- commands to the charger
@@ -392,13 +432,13 @@ def request_start(s: Session, gateway: Gateway, provider: PaymentProvider | None
         s, charger, "RemoteStartTransaction", {"connector_id": connector.number, "id_tag": cs.id_tag},
         key=cs.key("remote_start"), session_id=cs.id, requested_by=cs.owner,
     )
-    cs = s.get(ChargingSession, cs.id, populate_existing=True)
+    cs = _locked(s, cs.id)
     if cs.state != SessionState.START_REQUESTED:
+        s.commit()
         return cs  # StartTransaction already arrived (fast charger), or the driver cancelled meanwhile
     if result.status in (CommandStatus.REJECTED, CommandStatus.NOT_CONNECTED):
         code = "charger_rejected" if result.status is CommandStatus.REJECTED else "charger_offline"
-        release(s, provider, cs)
-        _end(cs, SessionState.START_FAILED, code, now)
+        return _give_up(s, provider, cs, SessionState.START_FAILED, code, now)
     s.commit()
     return cs
 
@@ -411,12 +451,12 @@ def request_stop(s: Session, gateway: Gateway, provider: PaymentProvider | None,
     charger's StopTransaction), ``stop_rejected`` when the charger refused,
     ``not_stoppable`` when the session has already ended.
     """
+    s.commit()
+    cs = _locked(s, cs.id)  # a StartTransaction may be committing this very moment: decide on the latest state
     if cs.state in BEFORE_CHARGING:
-        release(s, provider, cs)
-        _end(cs, SessionState.CANCELLED, "cancelled_by_" + by, now)
-        s.commit()
-        return cs
+        return _give_up(s, provider, cs, SessionState.CANCELLED, "cancelled_by_" + by, now)
     if cs.state != SessionState.CHARGING:
+        s.commit()
         if cs.state == SessionState.FINISHING:
             return cs  # already stopped: the car is leaving
         raise ChargingError("not_stoppable", "this session has already ended")
@@ -842,8 +882,9 @@ def meter_values(s: Session, charger: Charger, *, connector_number: int, transac
     except PricingError as e:
         log.warning("session %s cannot be priced live: %s", cs.id, e)
     reason = _limit_reached(cs, end)
-    if reason and cs.stop_requested_at is None:
-        cs.stop_requested_at, cs.stop_requested_by = now, reason
+    if reason and (cs.stop_requested_at is None or now - cs.stop_requested_at >= STOP_RETRY):
+        # Asked again while the charger keeps sending readings: a lost RemoteStop must not let it charge past the hold.
+        cs.stop_requested_at, cs.stop_requested_by = now, cs.stop_requested_by or reason
         ans.stop_transaction_id, ans.stop_reason = cs.transaction_id, reason
     cs.updated_at = now
     s.flush()
@@ -851,12 +892,14 @@ def meter_values(s: Session, charger: Charger, *, connector_number: int, transac
 
 
 def _limit_reached(cs: ChargingSession, at: dt.datetime) -> str | None:
-    if cs.cost_minor >= cs.hold_minor:
-        return "cost_limit"
+    """Why the session must stop now, if it must: the driver's energy limit and the time limit first (the hold is
+    sized from them, so they are the reason a driver recognises), then the cost reaching the hold."""
     if cs.energy_wh >= cs.max_energy_wh:
         return "energy_limit"
     if cs.started_at is not None and (at - cs.started_at).total_seconds() >= cs.max_charging_s:
         return "time_limit"
+    if cs.cost_minor >= cs.hold_minor:
+        return "cost_limit"
     return None
 
 
@@ -952,7 +995,7 @@ def live(s: Session, cs: ChargingSession, now: dt.datetime) -> dict:
     return {
         "id": cs.id,
         "state": cs.state.value,
-        "energy_kwh": str((cs.energy_wh / 1000).quantize(Decimal("0.001"))),
+        "energy_kwh": str((max(cs.energy_wh, Decimal(0)) / 1000).quantize(Decimal("0.001"))),
         "power_kw": None if cs.power_w is None else str((cs.power_w / 1000).quantize(Decimal("0.01"))),
         "duration_s": duration,
         "cost": cost.as_json(),
@@ -1092,31 +1135,39 @@ def due_work(s: Session, now: dt.datetime) -> dict[str, list[int]]:
         "settle": ids(select(S.id).where(S.state == SessionState.FINISHING, S.ended_at.is_not(None),
                                          (S.settle_claimed_at.is_(None)) | (S.settle_claimed_at < now - SETTLE_CLAIM))),
         "silent": ids(select(S.id).where(S.state == SessionState.CHARGING, S.last_message_at < now - SILENCE_TIMEOUT)),
+        "unreleased": ids(select(S.id).join(CardPayment, CardPayment.id == S.card_payment_id).where(
+            S.state.in_(NOT_CHARGED), CardPayment.state.in_([cards.State.AUTHORIZED, cards.State.REQUIRES_ACTION]),
+            S.updated_at < now - dt.timedelta(minutes=1))),
     }
 
 
 def expire_start(s: Session, provider: PaymentProvider | None, session_id: int, now: dt.datetime) -> ChargingSession | None:
     """No StartTransaction within the start window (the car was never plugged in): release the hold. Commits."""
-    cs = s.scalar(select(ChargingSession).where(ChargingSession.id == session_id).with_for_update())
+    cs = _locked(s, session_id)
     if cs is None or cs.state != SessionState.START_REQUESTED or cs.start_deadline is None or cs.start_deadline >= now:
+        s.commit()
         return cs
-    release(s, provider, cs)
-    _end(cs, SessionState.START_TIMEOUT, "start_timeout", now)
-    s.commit()
-    return cs
+    return _give_up(s, provider, cs, SessionState.START_TIMEOUT, "start_timeout", now)
 
 
 def abandon_pending(s: Session, provider: PaymentProvider | None, session_id: int, now: dt.datetime) -> ChargingSession | None:
     """A hold never confirmed (3-D Secure left open) or never started: release it. Commits."""
-    cs = s.scalar(select(ChargingSession).where(ChargingSession.id == session_id).with_for_update())
+    cs = _locked(s, session_id)
     if cs is None or cs.state not in (SessionState.PENDING, SessionState.AUTHORIZED) or cs.updated_at >= now - PENDING_TIMEOUT:
+        s.commit()
         return cs
-    if cs.card_payment is not None and provider is not None and cs.card_payment.provider_payment_id:
-        cards.refresh(s, provider, cs.card_payment)
-    release(s, provider, cs)
-    _end(cs, SessionState.CANCELLED, "abandoned", now)
+    return _give_up(s, provider, cs, SessionState.CANCELLED, "abandoned", now)
+
+
+def release_leftover(s: Session, provider: PaymentProvider | None, session_id: int) -> bool:
+    """A session that ended without charging but whose card hold is still open (the provider was down): release it. Commits."""
+    cs = s.get(ChargingSession, session_id)
+    if cs is None or cs.state not in NOT_CHARGED or cs.card_payment is None:
+        return False
     s.commit()
-    return cs
+    release(s, provider, cs)
+    s.commit()
+    return True
 
 
 def end_idle_overrun(s: Session, session_id: int, now: dt.datetime) -> bool:
