@@ -139,6 +139,38 @@ def _demo_stripe_env(stripe_url: str) -> dict[str, str]:
     }
 
 
+def _free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_http(url: str, proc, timeout: float = 30.0) -> None:
+    """Wait until ``url`` answers (any HTTP status) or ``proc`` exits; raise ClickException on either failure."""
+    import threading
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            if proc.poll() is not None:
+                raise click.ClickException(f"{url} did not come up: its process exited (code {proc.returncode})") from None
+            if time.monotonic() > deadline:
+                raise click.ClickException(f"{url} did not answer within {timeout:.0f} s") from None
+            pause.wait(0.1)
+
+
 def _interrupt(*_args) -> None:
     """Turn SIGINT and SIGTERM into the same clean shutdown (even where SIGINT was inherited as ignored)."""
     raise KeyboardInterrupt
@@ -149,7 +181,7 @@ def _demo_command(app: Flask) -> None:
     @click.option("--port", default=8000, show_default=True, help="Port of the web server.")
     @click.option("--web-workers", default=2, show_default=True, help="Gunicorn worker processes.")
     def demo(port: int, web_workers: int) -> None:
-        """Run the whole demo on this machine: migrate, seed, localstripe, worker and web server (Ctrl-C stops all)."""
+        """Run the whole demo on this machine: migrate, seed, localstripe, worker, charger gateway, two simulated chargers and the web server (Ctrl-C stops all)."""
         import os
         import signal
         import subprocess
@@ -165,10 +197,23 @@ def _demo_command(app: Flask) -> None:
         migrate_to_head(current_app.config["DATABASE_URL"])
         env = dict(os.environ, VOLTPAY_ENV=os.environ.get("VOLTPAY_ENV", "development"), VOLTPAY_BASE_URL=base)
         gunicorn = ["--bind", f"127.0.0.1:{port}", "--workers", str(web_workers), "--threads", "4", "--graceful-timeout", "5", "--access-logfile", "-", "--no-control-socket"]
+        # The charger gateway on free ports (a second demo on the same machine must not collide), and the
+        # two demo chargers simulated with the same OCPP library, connecting to it over real websockets.
+        ocpp_port, internal_port = _free_port(), _free_port()
+        env.update(
+            VOLTPAY_GATEWAY_HOST="127.0.0.1", VOLTPAY_GATEWAY_PORT=str(ocpp_port),
+            VOLTPAY_GATEWAY_INTERNAL_HOST="127.0.0.1", VOLTPAY_GATEWAY_INTERNAL_PORT=str(internal_port),
+            VOLTPAY_GATEWAY_INTERNAL_URL=f"http://127.0.0.1:{internal_port}",
+            VOLTPAY_GATEWAY_SECRET=os.environ.get("VOLTPAY_GATEWAY_SECRET") or secrets.token_urlsafe(32),
+        )
+        ocpp_url = f"ws://127.0.0.1:{ocpp_port}/ocpp"
         commands = {
             "worker": [sys.executable, "-m", "flask", "--app", "wsgi", "worker"],
+            "charger gateway": [sys.executable, "-m", "flask", "--app", "wsgi", "gateway"],
             "web server": [sys.executable, "-m", "gunicorn", *gunicorn, "wsgi:app"],
         }
+        simulate = [sys.executable, "-m", "flask", "--app", "wsgi", "simulate", "--url", ocpp_url, "--power-kw", "22",
+                    "--plug-in-delay", "3", "--unplug-delay", "20"]
         smtp = current_app.config.get("SMTP_HOST")
         emails = f"Emails go to {smtp}." if smtp else "Emails are printed in this log."
         procs: dict[str, subprocess.Popen] = {}
@@ -193,12 +238,18 @@ def _demo_command(app: Flask) -> None:
                 # Passwords are stored hashed: on a later start, new ones are the only way to show them again.
                 fresh = created is not None
                 created = created or reset_demo_passwords(s, password_factory=_demo_password)
+            # The chargers connect once their passwords and the gateway are there.
+            _wait_for_http(f"http://127.0.0.1:{internal_port}/healthz", procs["charger gateway"])
+            procs["simulated chargers"] = subprocess.Popen(simulate, cwd=ROOT, env=env)
             click.echo("\nVoltpay demo accounts" + ("" if fresh else " (demo data kept, passwords renewed)") + ":")
             _echo_demo(created, base)
             click.echo(f"\nCard payments go to localstripe at {stripe_url} (a test double of Stripe; no real money). Test cards,")
             click.echo("with any future expiry (month, two-digit year such as 30), any CVC and any postal code:")
             for number, what in DEMO_CARDS:
                 click.echo(f"  {number}  {what}")
+            click.echo(f"\nChargers DEMO-CP-1 and DEMO-CP-2 are simulated and connected to the gateway at {ocpp_url}:")
+            click.echo(f"open {base}/c/D101 (or scan a code from {base}/sites/1/qr-sheet as the operator), pay as a guest or from")
+            click.echo("the driver's wallet, and the simulated car plugs in three seconds later and charges at 22 kW.")
             click.echo(f"\nVoltpay demo running at {base}/ (health: {base}/healthz, wallet: {base}/wallet). {emails} Ctrl-C stops.\n")
             while True:  # block until a child exits; Ctrl-C and SIGTERM interrupt the wait
                 pid, status = os.wait()

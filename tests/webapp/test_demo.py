@@ -1,9 +1,10 @@
-"""``flask --app wsgi demo``: the whole demo (migrate, seed, localstripe, worker, gunicorn) starts, serves pages,
+"""``flask --app wsgi demo``: the whole demo (migrate, seed, localstripe, worker, charger gateway, simulated chargers, gunicorn) starts, serves pages,
 prints where to go, how to sign in and which test cards to use, and stops every process it started
 (localstripe too) on Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -115,10 +116,21 @@ def test_demo_serves_pages_and_stops_all_its_processes(tmp_path, how):
         stripe_url = re.search(r"Card payments go to localstripe at (http://127\.0\.0\.1:\d+)", text).group(1)
         status, stripe_js = _get(f"{stripe_url}/js.stripe.com/v3/")
         assert status == 200 and "localstripe" in stripe_js
-        # localstripe, the job worker and gunicorn (master and its worker) run under the demo.
-        _wait_until(lambda: len(_children(proc.pid)) >= 4, 15, "localstripe, worker and gunicorn processes", output, proc)
+        # The two demo chargers are simulated and connected to the demo's gateway: a driver finds them available.
+        def status_of(code: str) -> str | None:
+            status, body = _get(f"{base}/api/v1/connectors/{code}")
+            return json.loads(body)["status"] if status == 200 else None
+
+        _wait_until(lambda: status_of("D101") == "available" and status_of("D202") == "available", START_TIMEOUT,
+                    "the simulated chargers are online", output, proc)
+        status, page = _get(f"{base}/c/D101")
+        assert status == 200 and "Plaza Mayor car park" in page
+        assert "DEMO-CP-1 and DEMO-CP-2 are simulated" in output.read_text()
+        # localstripe, the job worker, the gateway, the simulated chargers and gunicorn (master and its worker) run under the demo.
+        _wait_until(lambda: len(_children(proc.pid)) >= 6, 15, "the demo's processes", output, proc)
         children = _children(proc.pid)
         assert any("webapp.devtools.localstripe_server" in _cmdline(pid) for pid in children)
+        assert any(" gateway" in _cmdline(pid) for pid in children) and any(" simulate " in _cmdline(pid) for pid in children)
 
         if how == "ctrl-c":
             os.killpg(proc.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
