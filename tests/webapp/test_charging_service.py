@@ -507,3 +507,16 @@ def test_a_lost_remote_stop_is_asked_for_again_while_the_charger_keeps_charging(
     assert (first.stop_transaction_id, first.stop_reason) == (cs.id, "energy_limit")  # the driver's limit, named as such
     assert reading(130, 2050).stop_transaction_id is None  # the stop is on its way
     assert reading(160, 2200).stop_transaction_id == cs.id  # 30 s later and still charging: ask again
+
+
+def test_the_ocpp_log_is_kept_for_its_retention_period(site):
+    from webapp.charging.models import OcppMessage
+
+    now = utcnow()
+    with site.app_context(), db(site) as s:
+        charger = s.scalar(select(Charger))
+        s.add_all([OcppMessage(charger_id=charger.id, direction="in", action="Heartbeat", payload="{}", at=now - dt.timedelta(days=d))
+                   for d in (1, 89, 91, 400)])
+        s.commit()
+        assert jobs.purge_ocpp_log(now) == 2
+        assert sorted((now - m.at).days for m in s.scalars(select(OcppMessage))) == [1, 89]

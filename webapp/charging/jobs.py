@@ -120,3 +120,29 @@ def charging_watchdog() -> None:
     counts = run_watchdog()
     if any(counts.values()):
         log.info("charging watchdog", extra={"counts": counts})
+
+
+def purge_ocpp_log(now: dt.datetime | None = None) -> int:
+    """Delete OCPP messages older than ``OCPP_LOG_DAYS``, in batches; returns how many were deleted."""
+    from sqlalchemy import delete, select
+
+    from webapp.charging.models import OcppMessage
+
+    cutoff = (now or utcnow()) - dt.timedelta(days=int(current_app.config.get("OCPP_LOG_DAYS") or 90))
+    deleted = 0
+    factory = session_factory()
+    while True:
+        with factory.begin() as s:
+            ids = list(s.scalars(select(OcppMessage.id).where(OcppMessage.at < cutoff).order_by(OcppMessage.id).limit(5000)))
+            if not ids:
+                return deleted
+            s.execute(delete(OcppMessage).where(OcppMessage.id.in_(ids)))
+            deleted += len(ids)
+
+
+@periodic_task(crontab(minute="17", hour="3"))
+def purge_ocpp_log_job() -> None:
+    """Every night: keep the OCPP message log to its retention period."""
+    n = purge_ocpp_log()
+    if n:
+        log.info("ocpp log purged", extra={"deleted": n})
