@@ -146,6 +146,7 @@ def app_config(database_url, smtp_server) -> dict:
         "BASE_URL": "http://localhost",
         "OIDC_ISSUER": None,
         "REDIS_URL": None,
+        "PAGE_CACHE_SECONDS": 0,  # tests change a connector and look again at once (test_charging_pages covers the cache)
     }
 
 

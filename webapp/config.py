@@ -61,6 +61,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("STRIPE_LOCALSTRIPE", "VOLTPAY_STRIPE_LOCALSTRIPE", False, "talk to localstripe: switch on its compatibility adjustments (demo and tests only)", bool),
     Setting("API_TOKEN_DAYS", "VOLTPAY_API_TOKEN_DAYS", 30, "lifetime of API bearer tokens in days", int),
     Setting("LOG_LEVEL", "VOLTPAY_LOG_LEVEL", "INFO", "log level of the JSON logs"),
+    Setting("PAGE_CACHE_SECONDS", "VOLTPAY_PAGE_CACHE_SECONDS", 2, "seconds a connector page, as anonymous visitors see it, is reused per process (0: off)", int),
     Setting("OCPP_LOG_DAYS", "VOLTPAY_OCPP_LOG_DAYS", 90, "days the OCPP message log is kept (support timelines, charger diagnosis); older messages are deleted daily", int),
     Setting("GATEWAY_HOST", "VOLTPAY_GATEWAY_HOST", "127.0.0.1", "address the charger gateway listens on for OCPP websockets (ws://HOST:PORT/ocpp/<charge point id>)"),
     Setting("GATEWAY_PORT", "VOLTPAY_GATEWAY_PORT", 9000, "port of the charger gateway's OCPP websockets", int),

@@ -735,3 +735,29 @@ def test_every_form_and_json_post_needs_the_csrf_token(app, csrf_client, site, s
     assert session_id_of(started)
     with db(app) as s:
         assert s.scalar(select(func.count()).select_from(ChargingSession)) == 1
+
+
+def test_anonymous_visitors_share_a_page_for_a_few_seconds_each_with_their_own_csrf_token(app, csrf_client, site, monkeypatch):
+    import webapp.charging.views as views
+
+    clock = [1000.0]
+    monkeypatch.setattr(views.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(views, "_page_cache", views._PageCache())
+    app.config["PAGE_CACHE_SECONDS"] = 2
+    first = csrf_client.get("/c/A101")
+    other = app.test_client()
+    second = other.get("/c/A101")
+    token = lambda r: re.search(r'name="csrf_token" value="([^"]+)"', r.get_data(as_text=True)).group(1)  # noqa: E731
+    assert first.status_code == second.status_code == 200 and token(first) != token(second)
+    assert "\x00" not in second.get_data(as_text=True)
+    assert text(first).replace(token(first), "") == text(second).replace(token(second), "")
+    # each visitor's token is their own and works: the guest-card endpoint accepts it (and refuses the other's)
+    ok = other.post("/c/A101/guest-card", json={"email": "x"}, headers={"X-CSRFToken": token(second)})
+    bad = other.post("/c/A101/guest-card", json={"email": "x"}, headers={"X-CSRFToken": token(first)})
+    assert ok.status_code == 400 and ok.get_json()["code"] == "invalid_email"  # past the CSRF check, to the email check
+    assert bad.status_code == 400 and bad.get_json(silent=True) is None  # refused by the CSRF check itself
+    # a change shows within the cache's seconds
+    set_connector(app, "A101", status="Faulted", error_code="GroundFailure")
+    assert "Out of order" not in text(other.get("/c/A101"))
+    clock[0] += 2.5
+    assert "Out of order" in text(other.get("/c/A101"))
