@@ -267,7 +267,7 @@ def add_rfid_tag():
             except IntegrityError:
                 s.rollback()
                 # Whose card it is stays private: the same words whether it is yours or someone else's.
-                form.id_tag.errors.append(_("This card is already linked to an account. If it is yours and lost, ask support."))
+                form.id_tag.errors.append(_("This card is already linked to an account. If it is yours and you have lost it, contact support."))
             else:
                 flash(_("Card %(tag)s linked. Hold it to a charger's reader to charge from your wallet.", tag=tag), "success")
                 return redirect(url_for("account.overview"))

@@ -320,7 +320,7 @@ def charging_problem(e: ChargingError, *, stopping: bool = False) -> Problem:
         minimum = params["minimum"]
         if minimum.amount <= 0:  # the service cannot name a minimum for some tariffs (energy only): no "at least €0.00"
             return Problem(422, code, _("The cap is too low to charge at this connector. Raise it, or charge without a cap."))
-        return Problem(422, code, _("The cap is below the least this session can cost: at least %(minimum)s.", minimum=_fmt(minimum)),
+        return Problem(422, code, _("The cap is below the minimum this session can cost: at least %(minimum)s.", minimum=_fmt(minimum)),
                        extra={"minimum": minimum.as_json()})
     if code in ("cap_currency", "wallet_currency"):
         currency = params["currency"]
