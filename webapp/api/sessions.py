@@ -466,12 +466,6 @@ def create_session():
         g.guest_session_token = token
         _loaded(cs.card_payment, cs.connector.charger.site)  # read now: the card hold that follows is sent with no transaction open
         s.commit()
-        if token is not None:
-            try:
-                notify.send_guest_link(cs, token, locale)
-            except Exception:  # the link is a convenience (the answer carries the token): never lose a paid start over it
-                log.exception("guest link for session %s not sent", cs.id)
-            _end_transaction()
 
     req = StartRequest(
         connector=connector, user=user, email=fields["email"], payment_kind=fields["kind"], payment_method_id=fields["payment_method_id"],
@@ -489,6 +483,14 @@ def create_session():
         raise Problem(502, "provider_error", _("The card payment service could not do this. Please try again later."),
                       extra={"session_id": session_id}) from None
     cs = result.session
+    token = g.get("guest_session_token")
+    if token is not None and cs.state not in (SessionState.FAILED,):
+        # Only once the hold is in place (or waiting for 3-D Secure): a declined card gets no "you started" email.
+        try:
+            notify.send_guest_link(cs, token, locale)
+        except Exception:  # the link is a convenience (the answer carries the token): never lose a paid start over it
+            log.exception("guest link for session %s not sent", cs.id)
+        _end_transaction()
     _ended_at_once(cs)
     resp = _session_response(cs, 201, client_secret=result.client_secret)
     resp.headers["Location"] = url_for("api.get_session", session_id=cs.id)

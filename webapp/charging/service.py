@@ -933,6 +933,10 @@ def stop_transaction(
     cs.energy_wh = meter_stop_wh - (cs.meter_start_wh or Decimal(0))
     cs.stopped_at, cs.stop_reason = stopped, (reason or "Local")[:32]
     cs.power_w = Decimal(0)
+    try:
+        cs.cost_minor = _priced_total(s, cs, stopped)["incl_vat"].amount  # the energy since the last reading counts too
+    except PricingError as e:
+        log.warning("session %s cannot be priced at its stop: %s", cs.id, e)
     cs.state = SessionState.FINISHING
     cs.updated_at = now
     connector = cs.connector
@@ -972,9 +976,16 @@ def _samples(s: Session, cs: ChargingSession) -> list[MeterSample]:
 
 
 def price_session(s: Session, cs: ChargingSession, end: dt.datetime) -> dict:
-    """The session priced by the tariff engine from its start to ``end`` (the live cost and the final bill alike)."""
+    """The session priced by the tariff engine from its start to ``end`` (the live cost and the final bill alike).
+
+    A session stopped but not ended yet (the car idles, plugged in) is priced
+    with the time since the stop as idle time, as its final bill will be.
+    """
     version = cs.tariff_version
     samples = [x for x in _samples(s, cs) if x.at <= end]
+    if cs.stopped_at is not None and cs.ended_at is None and end > cs.stopped_at and (not samples or samples[-1].at < end):
+        samples.append(MeterSample(at=end, energy_wh=cs.meter_stop_wh or (samples[-1].energy_wh if samples else Decimal(0)),
+                                   power_w=Decimal(0), charging=False))
     start = cs.started_at
     cdr = cdr_from_samples(start, samples, max(end, start), tariff=version.compiled, time_zone=cs.time_zone,
                            meter_start_wh=cs.meter_start_wh)
@@ -992,6 +1003,11 @@ def live(s: Session, cs: ChargingSession, now: dt.datetime) -> dict:
         end = cs.stopped_at or now
         duration = max(0, int((end - cs.started_at).total_seconds()))
     cost = Money(cs.captured_minor, cs.currency) if cs.state == SessionState.COMPLETED and cs.captured_minor is not None else cs.cost
+    if cs.state == SessionState.FINISHING and cs.final_incl_vat_minor is None and cs.started_at is not None:
+        try:  # the idle fee keeps accruing until the car leaves: the phone shows it (never more than the hold is taken)
+            cost = _priced_total(s, cs, cs.ended_at or max(now, cs.stopped_at or now))["incl_vat"]
+        except (PricingError, MoneyError) as e:
+            log.warning("session %s cannot be priced live: %s", cs.id, e)
     return {
         "id": cs.id,
         "state": cs.state.value,
