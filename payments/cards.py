@@ -155,17 +155,23 @@ class PaymentError(Exception):
 # Hooks per purpose, called inside the transaction that records the change.
 OnChange = Callable[[Session, CardPayment], None]
 OnRefund = Callable[[Session, CardPayment, "CardRefund"], None]
-_on_succeeded: dict[Purpose, OnChange] = {}
-_on_refund_prepared: dict[Purpose, OnRefund] = {}
-_on_refunded: dict[Purpose, OnRefund] = {}
-_on_refund_failed: dict[Purpose, OnRefund] = {}
+# Several hooks may listen to one purpose (the ledger booking, then the receipt); they run in registration order.
+_on_succeeded: dict[Purpose, list[OnChange]] = {}
+_on_refund_prepared: dict[Purpose, list[OnRefund]] = {}
+_on_refunded: dict[Purpose, list[OnRefund]] = {}
+_on_refund_failed: dict[Purpose, list[OnRefund]] = {}
+
+
+def _run(hooks: dict, purpose: Purpose, *args) -> None:
+    for fn in hooks.get(purpose, ()):
+        fn(*args)
 
 
 def on_succeeded(purpose: Purpose):
     """Register what to book when a payment of ``purpose`` is captured (once per payment)."""
 
     def register(fn: OnChange) -> OnChange:
-        _on_succeeded[purpose] = fn
+        _on_succeeded.setdefault(purpose, []).append(fn)
         return fn
 
     return register
@@ -175,7 +181,7 @@ def on_refunded(purpose: Purpose):
     """Register what to book when a refund of a payment of ``purpose`` succeeds (once per refund)."""
 
     def register(fn):
-        _on_refunded[purpose] = fn
+        _on_refunded.setdefault(purpose, []).append(fn)
         return fn
 
     return register
@@ -189,7 +195,7 @@ def on_refund_prepared(purpose: Purpose):
     """
 
     def register(fn):
-        _on_refund_prepared[purpose] = fn
+        _on_refund_prepared.setdefault(purpose, []).append(fn)
         return fn
 
     return register
@@ -199,7 +205,7 @@ def on_refund_failed(purpose: Purpose):
     """Register what to give back when the provider refuses a prepared refund of ``purpose``."""
 
     def register(fn):
-        _on_refund_failed[purpose] = fn
+        _on_refund_failed.setdefault(purpose, []).append(fn)
         return fn
 
     return register
@@ -251,9 +257,7 @@ def apply(s: Session, row: CardPayment, p: Payment) -> CardPayment:
     row.state = new
     if new == State.SUCCEEDED and old != State.SUCCEEDED:
         row.captured_minor = p.amount_captured.amount or p.amount.amount
-        hook = _on_succeeded.get(row.purpose)
-        if hook is not None:
-            hook(s, row)
+        _run(_on_succeeded, row.purpose, s, row)
     s.flush()
     return row
 
@@ -376,7 +380,6 @@ def prepare_refund(s: Session, row: CardPayment, amount: Money, *, reason: str, 
         raise PaymentError("the refund must be a positive amount in the payment's currency", "refund_invalid")
     if amount.amount > row.refundable.amount:
         raise PaymentError(f"at most {row.refundable} can still be refunded", "refund_exceeds_captured")
-    hook = _on_refund_prepared.get(row.purpose)
     refunded_before = row.refunded_minor
     rf = CardRefund(payment_id=row.id, amount_minor=amount.amount, reason=reason[:200], idempotency_key=idempotency_key)
     try:
@@ -384,8 +387,7 @@ def prepare_refund(s: Session, row: CardPayment, amount: Money, *, reason: str, 
             s.add(rf)
             row.refunded_minor = refunded_before + amount.amount
             s.flush()
-            if hook is not None:
-                hook(s, row, rf)
+            _run(_on_refund_prepared, row.purpose, s, row, rf)
     except Exception:
         # The savepoint is rolled back; make the objects say so too.
         if rf in s:
@@ -407,16 +409,12 @@ def send_refund(s: Session, provider: PaymentProvider, rf: CardRefund) -> CardRe
     except InvalidRequest:
         rf.status = "failed"
         row.refunded_minor -= rf.amount_minor
-        given_back = _on_refund_failed.get(row.purpose)
-        if given_back is not None:
-            given_back(s, row, rf)
+        _run(_on_refund_failed, row.purpose, s, row, rf)
         s.flush()
         raise  # the caller commits: the refund stays failed and its reservation is given back
     rf.provider_refund_id = result.id
     rf.status = "succeeded" if result.status in ("succeeded", "pending") else result.status
-    hook = _on_refunded.get(row.purpose)
-    if hook is not None:
-        hook(s, row, rf)
+    _run(_on_refunded, row.purpose, s, row, rf)
     s.flush()
     return rf
 

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Enum,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -55,9 +56,22 @@ class Operator(Base):
     legal_name: Mapped[str] = mapped_column(String(200))
     address: Mapped[str] = mapped_column(Text, default="")
     vat_id: Mapped[str | None] = mapped_column(String(32))
+    # Receipts and invoices: the number prefix (VP → VP-2026-000123; credit notes VP-CN-2026-…), unique among
+    # operators so a number names one document, and the branding (payments.invoicing keeps a copy in each document).
+    document_prefix: Mapped[str | None] = mapped_column(String(12), unique=True)  # None: "OP<id>"
+    brand_color: Mapped[str] = mapped_column(String(7), default="#0b6e4f", server_default="#0b6e4f")  # #rrggbb
+    brand_logo: Mapped[bytes | None] = mapped_column(LargeBinary)  # PNG, JPEG or SVG, at most 200 kB
+    brand_logo_type: Mapped[str | None] = mapped_column(String(32))  # its media type
+    receipt_footer: Mapped[str] = mapped_column(Text, default="", server_default="")
+    receipt_legal: Mapped[str] = mapped_column(Text, default="", server_default="")  # legal lines (registration, capital, ...)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     sites: Mapped[list[Site]] = relationship(back_populates="operator")
+
+    @property
+    def prefix(self) -> str:
+        """The prefix of this operator's document numbers."""
+        return self.document_prefix or f"OP{self.id}"
 
 
 class User(UserMixin, Base):
@@ -317,3 +331,6 @@ from webapp.charging.models import (  # noqa: E402,F401  (the charging tables sh
     RfidTag,
     SessionSample,
 )
+from payments.invoicing import Document, DocumentSeries  # noqa: E402,F401
+from webapp.notifications.models import NotificationPreferences, SentEmail  # noqa: E402,F401
+from webapp.receipts.models import BillingDetails  # noqa: E402,F401

@@ -59,7 +59,8 @@ def seed(s: Session, password_factory: Callable[[], str]) -> dict | None:
     """Insert the demo data unless it is already there; return what was created (with passwords)."""
     if s.scalar(select(Operator).where(Operator.name == DEMO_OPERATOR)) is not None:
         return None
-    op = Operator(name=DEMO_OPERATOR, legal_name="Voltpay Demo Energy S.L.", address="Calle Mayor 1, 28013 Madrid, Spain", vat_id="ESB12345678")
+    op = Operator(name=DEMO_OPERATOR, legal_name="Voltpay Demo Energy S.L.", address="Calle Mayor 1, 28013 Madrid, Spain", vat_id="ESB12345678",
+                  document_prefix="VP")
     s.add(op)
     s.flush()
     site = Site(operator_id=op.id, name="Plaza Mayor car park", address="Plaza Mayor 3, 28012 Madrid", time_zone="Europe/Madrid", currency="EUR")

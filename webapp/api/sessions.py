@@ -470,6 +470,7 @@ def create_session():
     req = StartRequest(
         connector=connector, user=user, email=fields["email"], payment_kind=fields["kind"], payment_method_id=fields["payment_method_id"],
         customer_id=customer_id, card_brand=brand, card_last4=last4, cap=fields["cap"], max_energy_kwh=fields["max_energy_kwh"],
+        locale=str(get_locale() or "en"),
     )
     try:
         result = service.start_session(s, provider, gateway, req, now=utcnow(), on_opened=on_opened)

@@ -72,6 +72,7 @@ class ChargingSession(Base):
     user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), index=True)
     owner: Mapped[str] = mapped_column(String(64), index=True)  # "user:<id>" or "guest:<session id>"
     email: Mapped[str | None] = mapped_column(String(254), index=True)  # where the receipt goes (guests: required)
+    locale: Mapped[str | None] = mapped_column(String(8))  # the driver's language when paying: the receipt's language
     access_token_hash: Mapped[str | None] = mapped_column(String(64))  # sha256 of a guest's link token
     state: Mapped[SessionState] = mapped_column(_enum(SessionState), default=SessionState.PENDING, index=True)
     id_tag: Mapped[str] = mapped_column(String(20), unique=True)  # OCPP idTag: one per session (or the RFID tag's)
@@ -111,6 +112,7 @@ class ChargingSession(Base):
     final_vat_minor: Mapped[int | None] = mapped_column(BigInteger)
     final_incl_vat_minor: Mapped[int | None] = mapped_column(BigInteger)  # the priced cost (may exceed the hold)
     captured_minor: Mapped[int | None] = mapped_column(BigInteger)  # what was taken: min(cost, hold), or 0
+    refunded_minor: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # given back since (credit notes)
     priced_json: Mapped[str | None] = mapped_column(Text)  # the priced CDR (totals and breakdown) for the receipt
     anomaly: Mapped[str | None] = mapped_column(String(64))  # something that forbids automatic billing (meter went backwards, ...)
     failure_code: Mapped[str | None] = mapped_column(String(64))  # why it failed, was refused or went to review

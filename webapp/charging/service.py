@@ -62,8 +62,8 @@ from sqlalchemy.orm import Session
 
 from payments import cards
 from payments import wallet as wallet_mod
-from payments.cards import CardPayment, Purpose
-from payments.ledger import AccountKind, InsufficientFunds, get_account, post
+from payments.cards import CardPayment, CardRefund, Purpose
+from payments.ledger import AccountKind, InsufficientFunds, JournalEntry, get_account, post
 from payments.money import Money, MoneyError
 from payments.price_display import DEFAULT_HOLD_POLICY, HoldPolicy, default_hold
 from payments.providers.base import CardDeclined, InvalidRequest, PaymentProvider, ProviderError, ProviderUnavailable
@@ -80,7 +80,9 @@ from webapp.charging.models import (
     SessionSample,
     SessionState,
 )
+from webapp.db import utcnow
 from webapp.models import Charger, Connector, Site, User
+from webapp.receipts import service as receipts
 
 log = logging.getLogger("voltpay.charging")
 
@@ -225,6 +227,7 @@ def token_hash(token: str) -> str:
 
 def open_session(
     s: Session, *, connector: Connector, user: User | None, email: str | None, payment_kind: PaymentKind, q: Quote, now: dt.datetime,
+    locale: str | None = None,
 ) -> tuple[ChargingSession, str | None]:
     """Claim the connector for a new session (flushes; the caller commits). Returns the session and a guest's link token.
 
@@ -240,6 +243,7 @@ def open_session(
     cs = ChargingSession(
         connector_id=connector.id, active_connector_id=connector.id, user_id=user.id if user else None,
         owner=user.owner if user else "guest:pending", email=(user.email if user else (email or "").strip().lower()),
+        locale=locale or (user.locale if user else None),
         access_token_hash=token_hash(token) if token else None, state=SessionState.PENDING, id_tag=_new_id_tag(s),
         payment_kind=payment_kind, currency=q.currency, hold_minor=q.hold.amount, cap_minor=q.cap.amount if q.cap else None,
         max_energy_wh=q.max_energy_wh, max_charging_s=q.max_charging_s, max_idle_s=q.max_idle_s,
@@ -494,6 +498,7 @@ class StartRequest:
     card_last4: str | None = None
     cap: Money | None = None
     max_energy_kwh: Decimal | None = None
+    locale: str | None = None  # the page's language: the receipt's
 
 
 @dataclass
@@ -538,7 +543,8 @@ def start_session(
     q = quote(s, connector, now=now, cap=req.cap, max_energy_kwh=req.max_energy_kwh)
     if req.payment_kind is PaymentKind.WALLET and req.user is not None and q.currency != req.user.currency:
         raise ChargingError("wallet_currency", f"this charger is paid in {q.currency}; your wallet is in {req.user.currency}", currency=q.currency)
-    cs, token = open_session(s, connector=connector, user=req.user, email=req.email, payment_kind=req.payment_kind, q=q, now=now)
+    cs, token = open_session(s, connector=connector, user=req.user, email=req.email, payment_kind=req.payment_kind, q=q, now=now,
+                             locale=req.locale)
     if req.payment_kind is PaymentKind.WALLET:
         place_wallet_hold(s, cs, now)
         s.commit()
@@ -1086,6 +1092,7 @@ def settle(s: Session, provider: PaymentProvider | None, session_id: int, now: d
             if captured.amount:
                 vat = Money(_vat_share(cs.final_vat_minor or 0, cs.final_incl_vat_minor or 0, captured.amount), cs.currency)
                 wallet_mod.capture_hold(s, owner=cs.owner, held_amount=cs.hold, amount=captured, key=cs.key("wallet"), vat=vat)
+                receipts.session_document(s, cs, captured_minor=captured.amount, card=None, now=now)  # its number, in this transaction
             else:
                 wallet_mod.release_hold(s, owner=cs.owner, amount=cs.hold, key=cs.key("wallet"))
         else:
@@ -1135,6 +1142,116 @@ def _book_card_capture(s: Session, row: CardPayment) -> None:
     if vat_minor:
         postings.append((get_account(s, AccountKind.VAT_PAYABLE, row.currency), -Money(vat_minor, row.currency)))
     post(s, idempotency_key=row.key("revenue"), description="Charging paid by card", reference=f"session:{session_id}", postings=postings)
+    if cs is not None:
+        receipts.session_document(s, cs, captured_minor=captured.amount, card=row, now=utcnow())  # numbered in the capture's transaction
+
+
+# --------------------------------------------------------------------------- refunds
+
+
+def _book_refund(s: Session, cs: ChargingSession, amount: Money, *, key: str, reason: str, now: dt.datetime,
+                 to_account, refund: CardRefund | None = None) -> None:
+    """Credit note + the reversal of the capture's booking (revenue and VAT back to ``to_account``), in one transaction."""
+    original = receipts.document_for(s, f"session:{cs.id}")
+    if original is None:
+        raise ChargingError("not_refundable", "this session has no invoice to credit")
+    _, groups = receipts.credit_note(s, original, amount, key=f"{key}:credit", reason=reason, now=now, refund=refund)
+    net = sum(g.net_minor for g in groups)
+    vat = sum(g.vat_minor for g in groups)
+    postings = [(to_account, -amount)]
+    if net:
+        postings.append((get_account(s, AccountKind.REVENUE, cs.currency), Money(net, cs.currency)))
+    if vat:
+        postings.append((get_account(s, AccountKind.VAT_PAYABLE, cs.currency), Money(vat, cs.currency)))
+    post(s, idempotency_key=f"{key}:book", description="Charging refunded", reference=f"session:{cs.id}", postings=postings)
+
+
+def refund_session(s: Session, provider: PaymentProvider | None, session_id: int, amount: Money, *, reason: str, key: str,
+                   now: dt.datetime) -> ChargingSession:
+    """Give back ``amount`` of a completed session's payment, with a credit note; idempotent by ``key``. Commits.
+
+    Never more than what was captured minus what was refunded before (checked
+    under the session's row lock, so two clicks cannot both pass). A wallet
+    payment goes back to the wallet at once; a card refund is reserved, sent
+    to the provider, then booked with its credit note
+    (``_book_card_refund``). Raises ChargingError ``not_refundable`` /
+    ``refund_invalid`` / ``refund_exceeds_captured``, or the provider's error
+    (a refused card refund is given back: nothing stays reserved).
+    """
+    from payments.invoicing import InvoiceError
+
+    refund_key = cs_key = f"session:{session_id}:refund:{key}"  # the card refund's key and the wallet booking's
+    cs = _locked(s, session_id)
+    if cs is None or cs.state is not SessionState.COMPLETED or not cs.captured_minor:
+        s.rollback()
+        raise ChargingError("not_refundable", "only a paid, completed session can be refunded")
+    if cs.payment_kind is PaymentKind.WALLET:
+        if s.scalar(select(JournalEntry.id).where(JournalEntry.idempotency_key == f"{refund_key}:book")) is not None:
+            s.commit()
+            return cs  # the same click again
+    else:
+        done = s.scalar(select(CardRefund).where(CardRefund.idempotency_key == cs_key))
+        if done is not None:
+            if done.status == "pending" and provider is not None:
+                s.commit()
+                cards.send_refund(s, provider, done)
+                s.commit()
+            return s.get(ChargingSession, session_id)
+    if amount.currency != cs.currency or amount.amount <= 0:
+        s.rollback()
+        raise ChargingError("refund_invalid", "the refund must be a positive amount in the session's currency")
+    left = cs.captured_minor - cs.refunded_minor
+    if amount.amount > left:
+        s.rollback()
+        raise ChargingError("refund_exceeds_captured", "at most %(left)s can still be refunded", left=Money(left, cs.currency))
+    try:
+        if cs.payment_kind is PaymentKind.WALLET:
+            _book_refund(s, cs, amount, key=refund_key, reason=reason, now=now, to_account=wallet_mod.wallet(s, cs.owner, cs.currency))
+            cs.refunded_minor += amount.amount
+            s.commit()
+            return cs
+        if provider is None:
+            raise ProviderUnavailable("no payment provider configured")
+        row = cards.lock(s, cs.card_payment_id)
+        rf = cards.prepare_refund(s, row, amount, reason=reason, idempotency_key=cs_key)  # _card_refund_prepared counts it
+        s.commit()
+    except (InvoiceError, cards.PaymentError) as e:
+        s.rollback()
+        raise ChargingError("refund_invalid", str(e)) from None
+    cards.send_refund(s, provider, rf)  # InvalidRequest: given back by _card_refund_failed; the caller commits
+    s.commit()
+    return s.get(ChargingSession, session_id)
+
+
+def _session_of(s: Session, row: CardPayment) -> ChargingSession | None:
+    return s.get(ChargingSession, int(row.reference.split(":", 1)[1]))
+
+
+@cards.on_refund_prepared(Purpose.CHARGING_SESSION)
+def _card_refund_prepared(s: Session, row: CardPayment, rf: CardRefund) -> None:
+    cs = _session_of(s, row)
+    if cs is not None:
+        cs.refunded_minor += rf.amount_minor
+
+
+@cards.on_refunded(Purpose.CHARGING_SESSION)
+def _book_card_refund(s: Session, row: CardPayment, rf: CardRefund) -> None:
+    """A session's card refund went through: the credit note and the reversal, once per refund."""
+    cs = _session_of(s, row)
+    amount = Money(rf.amount_minor, row.currency)
+    clearing = get_account(s, AccountKind.PROVIDER_CLEARING, row.currency)
+    if cs is None or receipts.document_for(s, f"session:{cs.id}") is None:  # no invoice to credit: the money still goes back
+        post(s, idempotency_key=f"card_refund:{rf.id}:book", description="Charging refunded", reference=row.reference,
+             postings=[(clearing, -amount), (get_account(s, AccountKind.REVENUE, row.currency), amount)])
+        return
+    _book_refund(s, cs, amount, key=f"card_refund:{rf.id}", reason=rf.reason, now=utcnow(), to_account=clearing, refund=rf)
+
+
+@cards.on_refund_failed(Purpose.CHARGING_SESSION)
+def _card_refund_failed(s: Session, row: CardPayment, rf: CardRefund) -> None:
+    cs = _session_of(s, row)
+    if cs is not None:
+        cs.refunded_minor -= rf.amount_minor
 
 
 # --------------------------------------------------------------------------- the watchdog

@@ -627,7 +627,7 @@ def start(connector_code: str):
         return _connector_page(connector, form, 400)
 
     req = StartRequest(connector=connector, user=user, email=form.email if user is None else None, payment_kind=PaymentKind.CARD,
-                       cap=cap, max_energy_kwh=energy_cap)
+                       cap=cap, max_energy_kwh=energy_cap, locale=_locale())
     link = _GuestLink(_locale())
     try:
         if user is None:
