@@ -486,13 +486,15 @@ def test_a_start_the_charger_rejects_releases_the_wallet_hold(app, client, ana, 
     assert 'href="/c/A101"' in page.get_data(as_text=True)
 
 
-def test_a_start_the_charger_rejects_cancels_the_card_hold(app, client, site, charger, stripe_config):
+def test_a_start_the_charger_rejects_cancels_the_card_hold(app, client, site, charger, stripe_config, mailbox):
     charger.answer = CommandStatus.REJECTED
     session_id = session_id_of(guest_start(client, stripe_config))
     cs = get_session(app, session_id)
     assert cs.state == SessionState.START_FAILED
     assert intent(stripe_config, payment_of(app, cs).provider_payment_id)["status"] == "canceled"
     assert "The charger refused to start." in text(client.get(f"/s/{session_id}"))
+    # Nothing started: no "you started a charging session" email (emails go out synchronously in the tests).
+    assert [m["Subject"] for m in mailbox.to(GUEST)] == []
 
 
 def test_an_offline_charger_is_refused_before_anything_is_held(app, client, ana, charger):

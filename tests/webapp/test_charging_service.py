@@ -283,12 +283,18 @@ def test_an_idle_car_that_never_leaves_is_billed_up_to_the_hold_allowance(site):
     event(site, service.status_changed, connector_number=1, status="Finishing", error_code="NoError", timestamp=t0)
     charge(site, cs, t0, kwh_at=[], stop_s=600, stop_wh=5000)
     assert session(site, cs.id).state == SessionState.FINISHING
+    limit = t0 + dt.timedelta(seconds=600 + cs.max_idle_s)
+    with db(site) as s:  # the phone, before the watchdog ends the idle time: the cost stops growing at the allowance
+        at_limit = service.live(s, s.get(ChargingSession, cs.id), limit)["cost"]
+        assert service.live(s, s.get(ChargingSession, cs.id), limit + dt.timedelta(hours=3))["cost"] == at_limit
+        assert service.live(s, s.get(ChargingSession, cs.id), limit - dt.timedelta(minutes=10))["cost"]["amount"] < at_limit["amount"]
     with site.app_context():
         counts = jobs.run_watchdog(now=t0 + dt.timedelta(seconds=600 + cs.max_idle_s + 5))
     assert counts["idle_over"] == 1
     done = session(site, cs.id)
     assert done.state == SessionState.COMPLETED and done.ended_at == t0 + dt.timedelta(seconds=600 + cs.max_idle_s)
     assert done.captured_minor == min(done.final_incl_vat_minor, done.hold_minor) and done.captured_minor > 0
+    assert done.final_incl_vat_minor == at_limit["amount"]  # what the phone showed is what was billed
 
 
 def test_a_session_below_the_minimum_is_free_and_released(site):

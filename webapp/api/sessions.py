@@ -485,8 +485,9 @@ def create_session():
                       extra={"session_id": session_id}) from None
     cs = result.session
     token = g.get("guest_session_token")
-    if token is not None and cs.state not in (SessionState.FAILED,):
-        # Only once the hold is in place (or waiting for 3-D Secure): a declined card gets no "you started" email.
+    if token is not None and cs.state not in service.NOT_CHARGED:
+        # Only for a session under way (hold in place or waiting for 3-D Secure): a declined card, a charger that
+        # refused or was offline, ended it at once and released the hold; the response says so, no "you started" email.
         try:
             notify.send_guest_link(cs, token, locale)
         except Exception:  # the link is a convenience (the answer carries the token): never lose a paid start over it

@@ -1011,7 +1011,10 @@ def live(s: Session, cs: ChargingSession, now: dt.datetime) -> dict:
     cost = Money(cs.captured_minor, cs.currency) if cs.state == SessionState.COMPLETED and cs.captured_minor is not None else cs.cost
     if cs.state == SessionState.FINISHING and cs.final_incl_vat_minor is None and cs.started_at is not None:
         try:  # the idle fee keeps accruing until the car leaves: the phone shows it (never more than the hold is taken)
-            cost = _priced_total(s, cs, cs.ended_at or max(now, cs.stopped_at or now))["incl_vat"]
+            end = cs.ended_at or max(now, cs.stopped_at or now)
+            if cs.stopped_at is not None:  # past the idle allowance the idle time is ended there (end_idle_overrun)
+                end = min(end, cs.stopped_at + dt.timedelta(seconds=cs.max_idle_s))
+            cost = _priced_total(s, cs, end)["incl_vat"]
         except (PricingError, MoneyError) as e:
             log.warning("session %s cannot be priced live: %s", cs.id, e)
     return {

@@ -569,8 +569,9 @@ def _already_mine(connector: Connector) -> ChargingSession | None:
 class _GuestLink:
     """``on_opened`` of the start: this browser remembers a guest's session at once; the link email waits for the outcome.
 
-    The email says "you started a charging session", so it goes only once the
-    hold is in place or pending (not for a card that was declined).
+    The email says "you started a charging session", so it goes only for a
+    session under way: not for a declined card, nor a charger that refused the
+    start or was offline (those end at once and the page says so).
     """
 
     def __init__(self, locale: str):
@@ -584,7 +585,7 @@ class _GuestLink:
 
     def send(self, cs: ChargingSession | None) -> None:
         """Email the guest the link to the session (nothing for an account's session or a failed hold)."""
-        if cs is None or self.token is None or cs.state == SessionState.FAILED:
+        if cs is None or self.token is None or cs.state in service.NOT_CHARGED:  # ended at once: the page says so
             return
         try:
             notify.send_guest_link(cs, self.token, self.locale)
