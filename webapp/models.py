@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+from decimal import Decimal
 
 from flask_login import UserMixin
 from sqlalchemy import (
@@ -18,6 +19,7 @@ from sqlalchemy import (
     ForeignKey,
     Integer,
     LargeBinary,
+    Numeric,
     String,
     Text,
     UniqueConstraint,
@@ -298,11 +300,20 @@ class Meter(Base):
     kind: Mapped[MeterKind] = mapped_column(_enum(MeterKind, "meter_kind"), default=MeterKind.TENANT)
     prepaid: Mapped[bool] = mapped_column(Boolean, default=True)
     ct_multiplier: Mapped[int] = mapped_column(Integer, default=1)
-    tenant_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id"), index=True)  # webapp.meters.models.Tenant
+    master_meter_id: Mapped[int | None] = mapped_column(ForeignKey("meters.id"))  # the master upstream of this sub-meter
+    tariff_id: Mapped[int | None] = mapped_column(ForeignKey("meter_tariffs.id"))
+    collector_id: Mapped[int | None] = mapped_column(ForeignKey("meter_collectors.id"), index=True)
+    register_max_kwh: Mapped[Decimal | None] = mapped_column(Numeric(18, 3))  # where the register rolls over (99999.9)
+    # The relay as we last commanded it (webapp.meters.models.RelayCommand): connected, disconnecting, disconnected, reconnecting
+    relay_state: Mapped[str] = mapped_column(String(16), default="connected", server_default="connected")
+    relay_changed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    last_reading_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    last_register_kwh: Mapped[Decimal | None] = mapped_column(Numeric(18, 3))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     site: Mapped[Site] = relationship(back_populates="meters")
-    tenant: Mapped[User | None] = relationship()
+    tenant = relationship("Tenant", back_populates="meters")
 
 
 class IdempotencyRecord(Base):
@@ -334,3 +345,7 @@ from webapp.charging.models import (  # noqa: E402,F401  (the charging tables sh
 from payments.invoicing import Document, DocumentSeries  # noqa: E402,F401
 from webapp.notifications.models import NotificationPreferences, SentEmail  # noqa: E402,F401
 from webapp.receipts.models import BillingDetails  # noqa: E402,F401
+from webapp.meters.models import (  # noqa: E402,F401
+    Bill, BuildingBilling, CollectorToken, MeterCollector, MeterEvent, MeterInterval, MeterReading, MeterTariff,
+    MeterTariffVersion, RelayCommand, Tenant,
+)

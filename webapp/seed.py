@@ -12,6 +12,8 @@ Tariffs (OCPI 2.2.1 JSON, added through ``payments.tariff_store.add_version``; S
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 from collections.abc import Callable
 
 from sqlalchemy import select
@@ -20,6 +22,7 @@ from sqlalchemy.orm import Session
 from payments.tariff_store import add_version, connector_owner, tariff_in_force
 from webapp.auth.passwords import hash_password
 from webapp.db import utcnow
+from webapp.meters.models import Tenant
 from webapp.models import Charger, Connector, Meter, MeterKind, Operator, Role, Site, User
 
 DEMO_OPERATOR = "Voltpay Demo Energy"
@@ -87,10 +90,16 @@ def seed(s: Session, password_factory: Callable[[], str]) -> dict | None:
         accounts.append((role, email, password))
     s.flush()
     meters = []
-    s.add(Meter(site_id=building.id, meter_code="M0000", serial="SN-MASTER-0", kind=MeterKind.MASTER, prepaid=False))
+    tenant = Tenant(site_id=building.id, user_id=users["tenant"].id, name="Demo Tenant", contact_email=users["tenant"].email,
+                    unit="Shop 1", leased_area_m2=Decimal("48.00"), currency=building.currency)
+    s.add(tenant)
+    master = Meter(site_id=building.id, meter_code="M0000", serial="SN-MASTER-0", kind=MeterKind.MASTER, prepaid=False)
+    s.add(master)
+    s.flush()
     for i in range(1, 5):
         code = f"M{i:04d}"
-        s.add(Meter(site_id=building.id, meter_code=code, serial=f"SN-2026-{i:04d}", kind=MeterKind.TENANT, prepaid=True, tenant_id=users["tenant"].id if i == 1 else None))
+        s.add(Meter(site_id=building.id, meter_code=code, serial=f"SN-2026-{i:04d}", kind=MeterKind.TENANT, prepaid=True,
+                    tenant_id=tenant.id if i == 1 else None, master_meter_id=master.id))
         meters.append(code)
     s.flush()
     seed_demo_tariffs(s)

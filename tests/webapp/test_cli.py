@@ -10,6 +10,7 @@ from sqlalchemy import inspect, select
 from webapp import create_app
 from webapp.auth.passwords import verify_password
 from webapp.db import Base
+from webapp.meters.models import Tenant
 from webapp.models import Charger, Connector, Meter, MeterKind, Operator, Role, Site, User
 
 GOOD_PASSWORD = "purple elephant orbit 42"
@@ -84,7 +85,7 @@ def test_seed_demo_creates_the_demo_and_prints_the_passwords(app):
         assert users["tenant@example.com"].role == Role.CUSTOMER
         assert users["operator@example.com"].role == Role.OPERATOR_STAFF
         assert users["operator@example.com"].operator_id == operator.id
-        tenant_meter = s.scalar(select(Meter).where(Meter.tenant_id == users["tenant@example.com"].id))
+        tenant_meter = s.scalar(select(Meter).join(Tenant, Tenant.id == Meter.tenant_id).where(Tenant.user_id == users["tenant@example.com"].id))
         assert tenant_meter is not None and tenant_meter.site_id == building.id
 
 
