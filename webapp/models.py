@@ -349,3 +349,4 @@ from webapp.meters.models import (  # noqa: E402,F401
     Bill, BuildingBilling, CollectorToken, MeterCollector, MeterEvent, MeterInterval, MeterReading, MeterTariff,
     MeterTariffVersion, RelayCommand, Tenant,
 )
+from payments.settlement import Allocation, AllocationLine, Party, SplitRule  # noqa: E402,F401

@@ -83,6 +83,7 @@ from webapp.charging.models import (
 from webapp.db import utcnow
 from webapp.models import Charger, Connector, Site, User
 from webapp.receipts import service as receipts
+from webapp.settlement import service as settlement
 
 log = logging.getLogger("voltpay.charging")
 
@@ -1096,6 +1097,7 @@ def settle(s: Session, provider: PaymentProvider | None, session_id: int, now: d
                 vat = Money(_vat_share(cs.final_vat_minor or 0, cs.final_incl_vat_minor or 0, captured.amount), cs.currency)
                 wallet_mod.capture_hold(s, owner=cs.owner, held_amount=cs.hold, amount=captured, key=cs.key("wallet"), vat=vat)
                 receipts.session_document(s, cs, captured_minor=captured.amount, card=None, now=now)  # its number, in this transaction
+                settlement.allocate_session(s, cs, gross=captured.amount, vat=vat.amount, at=now)  # the parties' parts
             else:
                 wallet_mod.release_hold(s, owner=cs.owner, amount=cs.hold, key=cs.key("wallet"))
         else:
@@ -1146,7 +1148,9 @@ def _book_card_capture(s: Session, row: CardPayment) -> None:
         postings.append((get_account(s, AccountKind.VAT_PAYABLE, row.currency), -Money(vat_minor, row.currency)))
     post(s, idempotency_key=row.key("revenue"), description="Charging paid by card", reference=f"session:{session_id}", postings=postings)
     if cs is not None:
-        receipts.session_document(s, cs, captured_minor=captured.amount, card=row, now=utcnow())  # numbered in the capture's transaction
+        now = utcnow()
+        receipts.session_document(s, cs, captured_minor=captured.amount, card=row, now=now)  # numbered in the capture's transaction
+        settlement.allocate_session(s, cs, gross=captured.amount, vat=vat_minor, at=now)  # the parties' parts
 
 
 # --------------------------------------------------------------------------- refunds
@@ -1167,6 +1171,7 @@ def _book_refund(s: Session, cs: ChargingSession, amount: Money, *, key: str, re
     if vat:
         postings.append((get_account(s, AccountKind.VAT_PAYABLE, cs.currency), Money(vat, cs.currency)))
     post(s, idempotency_key=f"{key}:book", description="Charging refunded", reference=f"session:{cs.id}", postings=postings)
+    settlement.reverse_session(s, cs, key=key, gross=amount.amount, vat=vat, at=now)  # the parties give back their part
 
 
 def refund_session(s: Session, provider: PaymentProvider | None, session_id: int, amount: Money, *, reason: str, key: str,

@@ -1,0 +1,411 @@
+"""Settlement: who earned each payment, to the cent. No Flask here.
+
+**Parties** of a site (operator, site host, equipment owner, agency,
+platform) are owed money in the ledger: one ``PARTY_PAYABLE`` account per
+party and currency (owner ``"party:<id>"``).
+
+**Split rules** are versioned per site (or meter building) with an
+``effective_from``; the rule in force when the payment became revenue is the
+one applied. A rule document::
+
+    {"shares": [{"party_id": 1, "bps": 7000},                  # 70.00 % of what is left
+                {"party_id": 2, "bps": 2000},
+                {"party_id": 3, "fixed_per_session": 50},      # minor units per payment
+                {"party_id": 4, "per_kwh": "0.02"}],           # per kWh delivered (major unit, Decimal)
+     "platform_fee": {"party_id": 9, "bps": 150, "fixed": 10},  # the platform's fee
+     "merchant_of_record": 1}                                   # takes the remainder
+
+**Allocation** of a payment of ``gross`` (what the customer paid) with ``vat``
+and the provider's ``fee``:
+
+1. ``net = gross − vat − fee`` (VAT goes to VAT payable, the fee to provider fees);
+2. the platform fee: ``round_half_up(net × bps / 10 000) + fixed``, at most ``net``;
+3. fixed parts (per payment, per kWh rounded half up), in rule order; when
+   they add up to more than what is left, they are scaled down together by
+   the largest remainder method so they fit exactly;
+4. what is left is divided among the ``bps`` shares and the merchant of
+   record (whose weight is ``10 000 − Σ bps``) by the largest remainder method;
+   ties favour the merchant of record, then rule order.
+
+So ``Σ parts = net`` and ``vat + fee + Σ parts = gross`` always.
+
+A refund reverses the allocation in proportion to what each party still holds
+of it (largest remainder), and the refund that empties a payment takes
+exactly what is left: several partial refunds never reverse more than was
+allocated.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+
+from sqlalchemy import BigInteger, Boolean, Enum, ForeignKey, Integer, Numeric, String, Text, UniqueConstraint, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from payments.base import Base, UTCDateTime, utcnow
+from payments.invoicing import largest_remainder
+from payments.ledger import AccountKind, get_account, post
+from payments.money import Money, check_currency, to_minor
+
+__all__ = [
+    "PartyKind", "Party", "SplitRule", "Allocation", "AllocationLine", "RuleError", "Split",
+    "validate_rule", "split", "reverse_split", "rule_in_force", "add_rule", "allocate", "reverse", "payable",
+]
+
+BPS = 10_000
+
+
+class RuleError(ValueError):
+    """A split rule that cannot be used: ``field`` says where, the message says why."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}" if field else reason)
+        self.field = field
+        self.reason = reason
+
+
+class PartyKind(enum.StrEnum):
+    OPERATOR = "operator"
+    SITE_HOST = "site_host"
+    EQUIPMENT_OWNER = "equipment_owner"
+    AGENCY = "agency"
+    PLATFORM = "platform"
+
+
+def _enum(cls):
+    return Enum(cls, name=cls.__name__.lower(), native_enum=False, length=32, values_callable=lambda e: [m.value for m in e])
+
+
+class Party(Base):
+    """Someone paid out of a site's revenue."""
+
+    __tablename__ = "parties"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    operator_id: Mapped[int | None] = mapped_column(Integer, index=True)  # the operator that manages it (None: the platform)
+    parent_party_id: Mapped[int | None] = mapped_column(ForeignKey("parties.id"))  # an agency under an operator
+    kind: Mapped[PartyKind] = mapped_column(_enum(PartyKind))
+    legal_name: Mapped[str] = mapped_column(String(200))
+    email: Mapped[str] = mapped_column(String(254), default="")  # statements and payout notices
+    payout_currency: Mapped[str] = mapped_column(String(3))
+    iban: Mapped[str | None] = mapped_column(String(34))  # validated (schwifty); shown masked
+    bic: Mapped[str | None] = mapped_column(String(11))
+    stripe_account_id: Mapped[str | None] = mapped_column(String(64))  # Connect: paid by transfer instead of SEPA
+    min_payout_minor: Mapped[int] = mapped_column(BigInteger, default=0)  # below this the payable carries over
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    @property
+    def owner(self) -> str:
+        """The ledger owner of this party's payable accounts."""
+        return f"party:{self.id}"
+
+    @property
+    def iban_masked(self) -> str:
+        """``ES91 •••• •••• 1332``: enough to recognise, not to use."""
+        if not self.iban:
+            return ""
+        return f"{self.iban[:4]} •••• •••• {self.iban[-4:]}"
+
+
+class SplitRule(Base):
+    """One version of a site's (or building's) split rule, in force from ``effective_from``."""
+
+    __tablename__ = "split_rules"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    site_id: Mapped[int] = mapped_column(Integer, index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    effective_from: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    rule_json: Mapped[str] = mapped_column(Text)
+    created_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("site_id", "number", name="uq_split_rules_site_number"),
+        UniqueConstraint("site_id", "effective_from", name="uq_split_rules_site_effective_from"),
+    )
+
+
+class Allocation(Base):
+    """A payment (or a refund's reversal) divided among parties, booked once per ``idempotency_key``."""
+
+    __tablename__ = "allocations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
+    source: Mapped[str] = mapped_column(String(64), index=True)  # "session:7", "bill:3", "meter_interval:12"
+    site_id: Mapped[int] = mapped_column(Integer, index=True)
+    rule_id: Mapped[int | None] = mapped_column(ForeignKey("split_rules.id"))  # None: no rule, all to the merchant of record
+    reverses_id: Mapped[int | None] = mapped_column(ForeignKey("allocations.id"), index=True)  # a refund's reversal
+    currency: Mapped[str] = mapped_column(String(3))
+    gross_minor: Mapped[int] = mapped_column(BigInteger)  # reversals: negative amounts
+    vat_minor: Mapped[int] = mapped_column(BigInteger)
+    fee_minor: Mapped[int] = mapped_column(BigInteger)
+    net_minor: Mapped[int] = mapped_column(BigInteger)
+    kwh: Mapped[Decimal] = mapped_column(Numeric(18, 3), default=Decimal(0))
+    booked_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)  # the revenue's day
+
+
+class AllocationLine(Base):
+    """One party's part of an allocation."""
+
+    __tablename__ = "allocation_lines"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    allocation_id: Mapped[int] = mapped_column(ForeignKey("allocations.id", ondelete="CASCADE"), index=True)
+    party_id: Mapped[int] = mapped_column(ForeignKey("parties.id"), index=True)
+    role: Mapped[str] = mapped_column(String(16))  # share, fixed, per_kwh, platform_fee, remainder
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def _int(v, field: str, *, lo: int = 0, hi: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise RuleError(field, "must be a whole number")
+    if v < lo or (hi is not None and v > hi):
+        raise RuleError(field, f"must be between {lo} and {hi}" if hi is not None else f"must be at least {lo}")
+    return v
+
+
+def _dec(v, field: str) -> Decimal:
+    try:
+        d = Decimal(str(v)) if not isinstance(v, (bool, float)) else None
+    except InvalidOperation:
+        d = None
+    if d is None or not d.is_finite() or d < 0:
+        raise RuleError(field, "must be a non-negative decimal number (as a string)")
+    return d
+
+
+def validate_rule(rule: Mapping, *, party_ids: set[int] | None = None) -> None:
+    """Refuse a rule that cannot be applied, naming the field: shares above 100 %, unknown or repeated parties, ..."""
+    if not isinstance(rule, Mapping):
+        raise RuleError("", "a rule is a JSON object")
+    unknown = set(rule) - {"shares", "platform_fee", "merchant_of_record"}
+    if unknown:
+        raise RuleError(sorted(unknown)[0], "unknown field")
+    shares = rule.get("shares", [])
+    if not isinstance(shares, list):
+        raise RuleError("shares", "must be a list")
+    total_bps = 0
+    seen: set[tuple[int, str]] = set()
+    for i, sh in enumerate(shares):
+        f = f"shares[{i}]"
+        if not isinstance(sh, Mapping):
+            raise RuleError(f, "must be an object")
+        pid = _int(sh.get("party_id"), f"{f}.party_id", lo=1)
+        kinds = [k for k in ("bps", "fixed_per_session", "per_kwh") if k in sh]
+        if len(kinds) != 1 or set(sh) - {"party_id", *kinds}:
+            raise RuleError(f, "needs party_id and exactly one of bps, fixed_per_session, per_kwh")
+        if (pid, kinds[0]) in seen:
+            raise RuleError(f"{f}.party_id", "this party already has a share of this kind")
+        seen.add((pid, kinds[0]))
+        if party_ids is not None and pid not in party_ids:
+            raise RuleError(f"{f}.party_id", "no such party")
+        if kinds[0] == "bps":
+            total_bps += _int(sh["bps"], f"{f}.bps", lo=0, hi=BPS)
+        elif kinds[0] == "fixed_per_session":
+            _int(sh["fixed_per_session"], f"{f}.fixed_per_session")
+        else:
+            _dec(sh["per_kwh"], f"{f}.per_kwh")
+    if total_bps > BPS:
+        raise RuleError("shares", f"the shares add up to {Decimal(total_bps) / 100}% of the net: at most 100%")
+    fee = rule.get("platform_fee")
+    if fee is not None:
+        if not isinstance(fee, Mapping) or set(fee) - {"party_id", "bps", "fixed"} or "party_id" not in fee:
+            raise RuleError("platform_fee", "needs party_id, and bps and/or fixed")
+        pid = _int(fee["party_id"], "platform_fee.party_id", lo=1)
+        if party_ids is not None and pid not in party_ids:
+            raise RuleError("platform_fee.party_id", "no such party")
+        _int(fee.get("bps", 0), "platform_fee.bps", hi=BPS)
+        _int(fee.get("fixed", 0), "platform_fee.fixed")
+    mor = _int(rule.get("merchant_of_record"), "merchant_of_record", lo=1)
+    if party_ids is not None and mor not in party_ids:
+        raise RuleError("merchant_of_record", "no such party")
+
+
+@dataclass(frozen=True)
+class Split:
+    """What each party gets of one payment: ``parts`` as (party_id, role, minor units), in rule order."""
+
+    net: int
+    parts: tuple[tuple[int, str, int], ...]
+
+    def by_party(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for pid, _, amt in self.parts:
+            out[pid] = out.get(pid, 0) + amt
+        return out
+
+
+def _half_up(d: Decimal) -> int:
+    return int(d.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def split(rule: Mapping, *, gross: int, vat: int, fee: int, kwh: Decimal = Decimal(0), currency: str = "EUR") -> Split:
+    """Divide ``gross − vat − fee`` by ``rule`` (steps 1–4 of the module docstring). Pure; exact.
+
+    ``per_kwh`` prices are in the currency's major unit (``"0.02"`` EUR per kWh
+    is 2 cents); ``fixed`` amounts are in minor units.
+    """
+    net = gross - vat - fee
+    if net < 0 or vat < 0 or fee < 0:
+        raise RuleError("", "VAT and fee cannot exceed the payment")
+    parts: list[tuple[int, str, int]] = []
+    left = net
+    fee_rule = rule.get("platform_fee")
+    if fee_rule:
+        pf = min(left, _half_up(Decimal(net) * fee_rule.get("bps", 0) / BPS) + fee_rule.get("fixed", 0))
+        if pf:
+            parts.append((fee_rule["party_id"], "platform_fee", pf))
+            left -= pf
+    shares = rule.get("shares", [])
+    fixed = []
+    for sh in shares:
+        if "fixed_per_session" in sh:
+            fixed.append((sh["party_id"], "fixed", sh["fixed_per_session"]))
+        elif "per_kwh" in sh:
+            fixed.append((sh["party_id"], "per_kwh", to_minor(Decimal(str(sh["per_kwh"])) * kwh, currency).amount))
+    want = sum(a for _, _, a in fixed)
+    if want > left:  # scaled down together to fit exactly
+        got = largest_remainder(left, [a for _, _, a in fixed])
+        fixed = [(p, r, g) for (p, r, _), g in zip(fixed, got, strict=True)]
+    for p, r, a in fixed:
+        if a:
+            parts.append((p, r, a))
+            left -= a
+    mor = rule["merchant_of_record"]
+    bps = [(sh["party_id"], sh["bps"]) for sh in shares if "bps" in sh]
+    weights = [Decimal(BPS - sum(b for _, b in bps))] + [Decimal(b) for _, b in bps]
+    got = largest_remainder(left, weights)  # index 0 (the merchant of record) wins ties
+    for (pid, _), amt in zip(bps, got[1:], strict=True):
+        if amt:
+            parts.append((pid, "share", amt))
+    if got[0]:
+        parts.append((mor, "remainder", got[0]))
+    return Split(net, tuple(parts))
+
+
+def reverse_split(original: Sequence[tuple[int, str, int]], already: Sequence[Sequence[tuple[int, str, int]]], amount: int) -> list[tuple[int, str, int]]:
+    """The parts to take back for a refund of ``amount`` of net, in proportion to what each part still holds."""
+    left = [a for _, _, a in original]
+    for rev in already:
+        for i, (_, _, a) in enumerate(rev):
+            left[i] -= a
+    if amount < 0 or amount > sum(left):
+        raise RuleError("", "a refund cannot reverse more than was allocated")
+    if amount == sum(left):
+        got = left
+    else:
+        got = largest_remainder(amount, [Decimal(x) for x in left])
+    return [(p, r, g) for (p, r, _), g in zip(original, got, strict=True)]
+
+
+# --------------------------------------------------------------------------- booking
+
+
+def rule_in_force(s: Session, site_id: int, at: dt.datetime) -> SplitRule | None:
+    """The site's rule version in force at ``at`` (None: no rule yet — everything to the merchant of record)."""
+    return s.scalar(select(SplitRule).where(SplitRule.site_id == site_id, SplitRule.effective_from <= at)
+                    .order_by(SplitRule.effective_from.desc()).limit(1))
+
+
+def add_rule(s: Session, site_id: int, rule: Mapping, *, effective_from: dt.datetime, created_by: str) -> SplitRule:
+    """Validate and store a new version (effective now or later; history is never rewritten)."""
+    from payments.tariff_store import dumps
+
+    ids = set(s.scalars(select(Party.id).where(Party.active.is_(True))))
+    validate_rule(rule, party_ids=ids)
+    now = utcnow()
+    if effective_from < now - dt.timedelta(seconds=1):
+        raise RuleError("effective_from", "a rule cannot take effect in the past")
+    last = s.scalar(select(SplitRule.number).where(SplitRule.site_id == site_id).order_by(SplitRule.number.desc()).limit(1)) or 0
+    row = SplitRule(site_id=site_id, number=last + 1, effective_from=effective_from, rule_json=dumps(rule), created_by=created_by)
+    s.add(row)
+    s.flush()
+    return row
+
+
+def payable(s: Session, party_id: int, currency: str):
+    """The ledger account of what we owe ``party_id`` in ``currency``."""
+    return get_account(s, AccountKind.PARTY_PAYABLE, currency, f"party:{party_id}")
+
+
+def _rule_dict(row: SplitRule | None, merchant_of_record: int) -> dict:
+    from payments.tariff_store import loads
+
+    return loads(row.rule_json) if row is not None else {"shares": [], "merchant_of_record": merchant_of_record}
+
+
+def allocate(
+    s: Session, *, key: str, source: str, site_id: int, currency: str, gross: int, vat: int, fee: int = 0,
+    kwh: Decimal = Decimal(0), merchant_of_record: int, at: dt.datetime,
+) -> Allocation:
+    """Book a payment that became revenue: REVENUE (its net of VAT) → fee recovery + each party's payable. Once per ``key``.
+
+    The capture has already booked clearing → REVENUE (gross − VAT) + VAT
+    payable, and the provider's fee (clearing → PROVIDER_FEES) when known.
+    This entry moves ``gross − vat`` out of REVENUE: ``fee`` back against
+    PROVIDER_FEES and the net to the parties, so REVENUE holds nothing once a
+    payment is allocated.
+    """
+    existing = s.scalar(select(Allocation).where(Allocation.idempotency_key == key))
+    if existing is not None:
+        return existing
+    currency = check_currency(currency)
+    row = rule_in_force(s, site_id, at)
+    sp = split(_rule_dict(row, merchant_of_record), gross=gross, vat=vat, fee=fee, kwh=kwh, currency=currency)
+    alloc = Allocation(idempotency_key=key, source=source, site_id=site_id, rule_id=row.id if row else None, currency=currency,
+                       gross_minor=gross, vat_minor=vat, fee_minor=fee, net_minor=sp.net, kwh=kwh, booked_at=at)
+    s.add(alloc)
+    s.flush()
+    s.add_all([AllocationLine(allocation_id=alloc.id, party_id=p, role=r, amount_minor=a) for p, r, a in sp.parts])
+    _book(s, alloc, [(p, a) for p, _, a in sp.parts], fee, gross - vat, description="Revenue allocated")
+    return alloc
+
+
+def _book(s: Session, alloc: Allocation, parts: list[tuple[int, int]], fee: int, revenue: int, *, description: str) -> None:
+    cur = alloc.currency
+    postings = [(get_account(s, AccountKind.REVENUE, cur), Money(revenue, cur))]
+    if fee:
+        postings.append((get_account(s, AccountKind.PROVIDER_FEES, cur), Money(-fee, cur)))
+    by_party: dict[int, int] = {}
+    for p, a in parts:
+        by_party[p] = by_party.get(p, 0) + a
+    postings += [(payable(s, p, cur), Money(-a, cur)) for p, a in sorted(by_party.items()) if a]
+    if any(m.amount for _, m in postings):
+        post(s, idempotency_key=f"allocation:{alloc.idempotency_key}", description=description, reference=alloc.source, postings=postings)
+
+
+def reverse(s: Session, original: Allocation, *, key: str, gross: int, vat: int, at: dt.datetime) -> Allocation:
+    """A refund of ``gross`` (of which ``vat``) of an allocated payment: each party gives back its proportion. Once per ``key``.
+
+    The provider keeps its fee on a refund (as Stripe does), so the whole net
+    refunded (``gross − vat``) comes back from the parties, in proportion to
+    what each still holds of this payment.
+    """
+    existing = s.scalar(select(Allocation).where(Allocation.idempotency_key == key))
+    if existing is not None:
+        return existing
+    lines = list(s.scalars(select(AllocationLine).where(AllocationLine.allocation_id == original.id).order_by(AllocationLine.id)))
+    earlier = list(s.scalars(select(Allocation).where(Allocation.reverses_id == original.id).order_by(Allocation.id)))
+    already = []
+    for e in earlier:
+        got = {(ln.party_id, ln.role): -ln.amount_minor for ln in s.scalars(select(AllocationLine).where(AllocationLine.allocation_id == e.id))}
+        already.append([(ln.party_id, ln.role, got.get((ln.party_id, ln.role), 0)) for ln in lines])
+    back = reverse_split([(ln.party_id, ln.role, ln.amount_minor) for ln in lines], already, gross - vat)
+    rev = Allocation(idempotency_key=key, source=original.source, site_id=original.site_id, rule_id=original.rule_id,
+                     reverses_id=original.id, currency=original.currency, gross_minor=-gross, vat_minor=-vat, fee_minor=0,
+                     net_minor=-(gross - vat), kwh=Decimal(0), booked_at=at)
+    s.add(rev)
+    s.flush()
+    s.add_all([AllocationLine(allocation_id=rev.id, party_id=p, role=r, amount_minor=-a) for p, r, a in back if a])
+    _book(s, rev, [(p, -a) for p, _, a in back], 0, -(gross - vat), description="Refund reversed from the parties")
+    return rev
