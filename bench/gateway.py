@@ -36,9 +36,10 @@ Measured, in this order:
   (this script, the probes, anything else) are shown as the machine's CPU
   minus the gateway's and the fleet's.
 
-When the gateway cannot keep up, chargers time out (10 s), reconnect or give
-up a start; the run goes on with what booted and started (waiting stops when
-the count has not grown for 15 s) and says so.
+When the gateway cannot keep up, chargers time out (10 s) and send again or
+reconnect after a growing, jittered pause, giving up a start only after
+several attempts; the run goes on with what booted and started (waiting stops
+when the count has not grown for 15 s) and says so.
 
 Charger passwords: one password is hashed once and the hash is stored for
 every charger; the gateway verifies it (Argon2id) on every connect. By default
@@ -381,8 +382,9 @@ def prepare_database(app, n: int, n_probes: int, argon2: str) -> Made:
 
 
 class Db:
-    """Counting queries of the benchmark on an engine of its own: plain SQLAlchemy, not the app's, whose SQLite transactions all
-    begin with BEGIN IMMEDIATE (the write lock); here a SELECT is a WAL reader and never waits for, or delays, the gateway."""
+    """Counting queries of the benchmark on an engine of its own: plain SQLAlchemy, not the app's, whose SQLite transactions
+    begin with BEGIN IMMEDIATE (the write lock) unless declared read-only; here a SELECT is a WAL reader and never waits for,
+    or delays, the gateway."""
 
     def __init__(self, url: str):
         from sqlalchemy import create_engine
@@ -602,8 +604,9 @@ def main() -> None:
         fleet_log = fleet.log.read_text(errors="replace")
         gave_up = fleet_log.count("TimeoutError: Waited")  # a simulated charger's task (the start after RemoteStart) failed
         late = fleet_log.count("unknown unique id")  # an answer came after the charger stopped waiting
+        again = fleet_log.count("sends again after a timeout")  # Authorize, StartTransaction or a transaction message sent again
         print(f"  since the start: websocket connections opened {opened} for {args.chargers + args.probes} chargers; fleet: {gave_up} starts "
-              f"abandoned after a 10 s timeout, {late} answers arrived too late")
+              f"abandoned after their last 10 s timeout, {again} messages sent again after a timeout, {late} answers arrived too late")
         bad = {p.name: p.problems() for p in procs if p.problems()}
         if bad:
             print("errors logged: " + ", ".join(f"{name} {n}" for name, n in bad.items()) + f" ({'copied to ' + str(args.logs) if args.logs else 'see --logs'})")

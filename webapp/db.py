@@ -14,11 +14,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from payments.base import Base, UTCDateTime, utcnow
 
-__all__ = ["Base", "UTCDateTime", "utcnow", "make_engine", "init_app", "engine", "session_factory", "db_session"]
+__all__ = ["Base", "UTCDateTime", "utcnow", "make_engine", "init_app", "engine", "session_factory", "db_session", "read_only"]
+
+READ_ONLY = "voltpay_read_only"  # connection execution option: this transaction only reads (SQLite: no write lock at BEGIN)
 
 
 def make_engine(url: str) -> Engine:
-    """Create the engine; SQLite gets WAL, a busy timeout and enforced foreign keys."""
+    """Create the engine; SQLite gets WAL (synchronous=NORMAL), a busy timeout and enforced foreign keys."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
@@ -28,6 +30,9 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             if ":memory:" not in url:
                 cur.execute("PRAGMA journal_mode=WAL")
+                # WAL's usual setting: a commit survives the application crashing (not the machine losing power
+                # before the next checkpoint), without an fsync per commit.
+                cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
 
@@ -37,9 +42,10 @@ def make_engine(url: str) -> Engine:
         def _no_pysqlite_begin(dbapi_conn, _record):
             dbapi_conn.isolation_level = None
 
+        # Only a transaction declared read-only (``read_only``) begins as a plain reader.
         @event.listens_for(engine, "begin")
         def _begin_immediate(conn):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
@@ -67,6 +73,16 @@ def engine() -> Engine:
 def session_factory() -> sessionmaker[Session]:
     """The current app's session factory (for jobs and commands)."""
     return current_app.extensions["db_sessionmaker"]
+
+
+def read_only(s: Session) -> Session:
+    """Declare the transaction ``s`` is about to begin as read-only (call before its first query) and return ``s``.
+
+    On SQLite it then begins as a plain reader (a WAL snapshot) instead of taking the write lock at BEGIN, so it
+    neither waits for nor delays the writers; it must not write. Other databases are not affected.
+    """
+    s.connection(execution_options={READ_ONLY: True})
+    return s
 
 
 def db_session() -> Session:

@@ -537,3 +537,113 @@ def test_the_ocpp_log_is_kept_for_its_retention_period(site):
         s.commit()
         assert jobs.purge_ocpp_log(now) == 2
         assert sorted((now - m.at).days for m in s.scalars(select(OcppMessage))) == [1, 89]
+
+
+# --------------------------------------------------------------------------- long sessions: the live cost without re-reading the session
+
+# 3.00/h of charging time + 21 % VAT, no energy price: the cost grows with time alone.
+PER_HOUR = {"id": "T-HOUR", "currency": "EUR", "type": "AD_HOC_PAYMENT",
+            "elements": [{"price_components": [{"type": "TIME", "price": D("3.00"), "vat": D("21.0"), "step_size": 1}]}]}
+
+
+def exact_cents(tariff: dict, t0: dt.datetime, at: dt.datetime, wh: int) -> int:
+    """What the engine charges for ``wh`` delivered from ``t0`` to ``at`` at one steady power (one period: no restrictions)."""
+    from payments.tariffs import MeterSample, bill, cdr_from_samples, price
+
+    cdr = cdr_from_samples(t0, [MeterSample(at=at, energy_wh=D(wh), power_w=D(11000))], at, tariff=tariff, time_zone="Europe/Madrid",
+                           meter_start_wh=D(0))
+    return bill(price(tariff, cdr, time_zone="Europe/Madrid"), "EUR")["incl_vat"].amount
+
+
+def long_session(app, monkeypatch, tariff: dict, *, hold: int | None, readings: int, step_wh: int = 31):
+    """A session on ``tariff`` with readings every 10 s (``step_wh`` each) until a limit asks for the stop; returns
+    (the session, t0, the answers, the live cost after each reading, the ends it was priced to)."""
+    if tariff is not SIMPLE:
+        use_tariff(app, "A101", tariff)
+    cs = start(app, driver(app)).session
+    if hold is not None:
+        with db(app) as s:  # this hold alone decides (no energy or time limit on the way); the session is never billed
+            row = s.get(ChargingSession, cs.id)
+            row.hold_minor, row.max_energy_wh, row.max_charging_s = hold, 10**9, 10**7
+            s.commit()
+    priced = []
+    real = service._priced_total
+    monkeypatch.setattr(service, "_priced_total", lambda s, cs, end: priced.append(end) or real(s, cs, end))
+    t0 = utcnow()
+    ans = event(app, service.start_transaction, connector_number=1, id_tag=cs.id_tag, meter_start_wh=D(0), timestamp=t0, now=t0)
+    answers, costs = [], []
+    for i in range(1, readings + 1):
+        at = t0 + dt.timedelta(seconds=10 * i)
+        answers.append(event(app, service.meter_values, connector_number=1, transaction_id=ans.transaction_id,
+                             readings=[Reading(at, D(step_wh * i), D(11000))], now=at))
+        costs.append(session(app, cs.id).cost_minor)
+        if answers[-1].stop_transaction_id:
+            break
+    return cs, t0, answers, costs, priced
+
+
+@pytest.mark.parametrize("tariff", [SIMPLE, PER_HOUR], ids=["energy", "time"])
+def test_a_long_session_is_priced_now_and_then_and_still_stops_at_the_reading_that_reaches_the_hold(site, monkeypatch, tariff):
+    hold = 300
+    cs, t0, answers, costs, priced = long_session(site, monkeypatch, tariff, hold=hold, readings=400)
+    exact = [exact_cents(tariff, t0, t0 + dt.timedelta(seconds=10 * i), 31 * i) for i in range(1, len(answers) + 1)]
+    first_at_hold = next(i for i, c in enumerate(exact) if c >= hold)
+    # The stop is asked for at the very reading whose cost reaches the hold, as if every reading were priced ...
+    assert [a.stop_transaction_id for a in answers] == [None] * first_at_hold + [cs.id]
+    assert (answers[-1].stop_reason, costs[-1]) == ("cost_limit", exact[first_at_hold])
+    # ... though the session was priced far less often than it sent readings,
+    assert len(priced) < len(answers) / 2
+    # and the live cost shown is the engine's, lagging by at most 1/20 of the session's time.
+    for i, cost in enumerate(costs):
+        elapsed = 10 * (i + 1)
+        lag = min(service.LIVE_PRICE_MAX_AGE.total_seconds(), elapsed / service.LIVE_PRICE_SHARE)
+        assert cost in exact[max(0, i - int(lag // 10)):i + 1], (i, cost)
+
+
+def test_a_long_session_is_billed_from_every_reading(site, monkeypatch):
+    cs, t0, answers, costs, priced = long_session(site, monkeypatch, SIMPLE, hold=None, readings=300)
+    assert cs.hold_minor > 400 and cs.max_energy_wh > 10_000
+    assert all(a.stop_transaction_id is None for a in answers) and len(priced) < 100
+    with db(site) as s:
+        assert s.scalar(select(func.count()).select_from(service.SessionSample).where(service.SessionSample.session_id == cs.id)) == 300
+    stop = t0 + dt.timedelta(seconds=3005)
+    event(site, service.stop_transaction, transaction_id=cs.id, meter_stop_wh=D(31 * 300 + 15), timestamp=stop, reason="Remote", readings=[])
+    done = session(site, cs.id)
+    assert done.state == SessionState.COMPLETED
+    assert done.final_incl_vat_minor == exact_cents(SIMPLE, t0, stop, 31 * 300 + 15) == 394  # 9.315 kWh × 0.4235
+
+
+def test_a_late_reading_fills_its_gap_once_and_is_priced_at_once(site):
+    cs = start(site, driver(site)).session
+    t0 = utcnow()
+    tx = event(site, service.start_transaction, connector_number=1, id_tag=cs.id_tag, meter_start_wh=D(0), timestamp=t0, now=t0).transaction_id
+
+    def reading(sec, wh):
+        at = t0 + dt.timedelta(seconds=sec)
+        event(site, service.meter_values, connector_number=1, transaction_id=tx, readings=[Reading(at, D(wh), D(11000))], now=at)
+        return session(site, cs.id)
+
+    reading(100, 1000)
+    assert reading(300, 3000).cost_minor == 127  # 3 kWh × 0.4235
+    reading(200, 2000)  # sent late (an offline queue): stored between its neighbours
+    reading(200, 2000)  # and again: once
+    assert reading(250, 3500).anomaly == "meter_backwards"  # more than the reading after it: refused, noted
+    after = reading(400, 4000)
+    with db(site) as s:
+        rows = s.scalars(select(service.SessionSample).where(service.SessionSample.session_id == cs.id).order_by(service.SessionSample.at))
+        assert [(int((r.at - t0).total_seconds()), int(r.energy_wh)) for r in rows] == [(100, 1000), (200, 2000), (300, 3000), (400, 4000)]
+    assert after.cost_minor == 169 and after.energy_wh == 4000
+
+
+def test_last_seen_is_written_every_half_minute_not_on_every_message(site):
+    t0 = utcnow()
+
+    def seen():
+        with db(site) as s:
+            return s.scalar(select(Charger)).last_seen_at, s.scalar(select(ChargerConnection)).last_seen
+
+    for sec in (0, 5, 29):
+        event(site, lambda s, charger, now: service.charger_seen(s, charger, now), now=t0 + dt.timedelta(seconds=sec))
+    assert seen() == (t0, t0)
+    event(site, lambda s, charger, now: service.charger_seen(s, charger, now), now=t0 + dt.timedelta(seconds=31))
+    assert seen() == (t0 + dt.timedelta(seconds=31),) * 2

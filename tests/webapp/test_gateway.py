@@ -107,6 +107,12 @@ def internal(gateway, path: str, body=None, *, secret: str | None = "default", m
     return requests.request(method, gateway.internal_url + path, json=body, data=data, headers=headers, timeout=10)
 
 
+def answered(sim, action: str):
+    """The charger's last ``action`` once it has the answer: the gateway commits (and may bill) before it answers."""
+    wait_for(lambda: action in {name for name, _ in sim.sent}, what=f"the charger to have its {action} answered")
+    return sim.last_sent(action)
+
+
 def basic(user: str, password: str) -> dict:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
@@ -370,7 +376,7 @@ def test_a_wallet_session_stops_itself_at_its_cap_and_replays_are_applied_once(a
     # The charger sends its last MeterValues and its StopTransaction again (as after a lost answer): answered, applied once.
     before = [(x.at, x.energy_wh) for x in samples(app, session_id)]
     entries = journal_entries(app, session_id)
-    answer = simulators.run(sim.send(sim.last_sent("StopTransaction")))
+    answer = simulators.run(sim.send(answered(sim, "StopTransaction")))
     assert answer.id_tag_info == {"status": "Accepted"}
     simulators.run(sim.send(sim.last_sent("MeterValues")))
     assert [(x.at, x.energy_wh) for x in samples(app, session_id)] == before
@@ -407,7 +413,7 @@ def test_a_stop_sent_late_after_reconnecting_is_billed_once(app, gateway, chargi
     assert len(periodic) == c.meter_values_sent  # every reading sent offline arrived, once
     assert cs.captured_minor == cs.final_incl_vat_minor
     entries = journal_entries(app, session_id)
-    simulators.run(sim.send(sim.last_sent("StopTransaction")))
+    simulators.run(sim.send(answered(sim, "StopTransaction")))
     assert journal_entries(app, session_id) == entries
     assert balance(app, user.owner) == Money(5000 - cs.captured_minor, "EUR")
 
@@ -489,3 +495,134 @@ def test_the_gateway_and_simulate_commands_are_registered(app):
     assert "--charger" in out and "--fault" in out
     bad = runner.invoke(args=["simulate", "--fault", "CP-1:explode"])
     assert bad.exit_code != 0 and "unknown fault" in bad.output
+
+
+# --------------------------------------------------------------------------- under load: fewer writes, a simulator that backs off
+
+
+def test_every_message_and_answer_is_logged_with_its_session(app, gateway, charging_site, simulators, make_user):
+    user = make_user("ana@example.com")
+    fund_wallet(app, user.owner, 5000)
+    session_id = open_wallet_session(app, charging_site, user, hold=2000)
+    simulators.start(power_kw=11, time_scale=100)
+    with db(app) as s:
+        service.request_start(s, app.extensions["charger_gateway"], None, s.get(ChargingSession, session_id), utcnow())
+    logged = wait_for(lambda: (rows := messages(app, action="MeterValues", session_id=session_id)) and len(rows) >= 6 and rows,
+                      what="meter values")
+    assert [m.direction for m in logged] == ["in", "out"] * (len(logged) // 2) and len(logged) >= 6
+    assert all(i.at == o.at and i.payload.startswith('{"connectorId":1') and o.payload == "{}" for i, o in zip(logged[::2], logged[1::2]))
+    # The two ChangeConfigurations of the boot: recorded, answered and logged.
+    wait_for(lambda: len([m for m in messages(app, action="ChangeConfiguration")]) == 4, what="the boot configuration in the log")
+    assert all(c.status is CommandStatus.ACCEPTED for c in commands(app, action="ChangeConfiguration"))
+
+
+def test_the_password_check_reads_without_waiting_for_a_writer(app, gateway, charging_site):
+    from webapp.db import read_only
+
+    factory = app.extensions["db_sessionmaker"]
+    writer = factory()
+    writer.execute(select(Charger.id)).all()  # SQLite: BEGIN IMMEDIATE, the write lock held until the end
+    try:
+        with factory() as s:
+            assert read_only(s).scalar(select(Charger.id).where(Charger.charge_point_id == "CP-1")) == charging_site.charger_id
+        assert gateway._check_password("CP-1", CHARGER_PASSWORD) == charging_site.charger_id
+        assert gateway._check_password("CP-1", "wrong") is None and gateway._check_password("CP-404", "x") is None
+    finally:
+        writer.close()
+
+
+def in_own_loop(coro):
+    """Run ``coro`` in a new event loop in a thread of its own (a test before may have left a loop running in this one)."""
+    import asyncio
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result(60)
+
+
+def test_a_simulated_charger_backs_off_exponentially_with_jitter():
+    from webapp.chargers.simulator import SimulatedCharger
+
+    sim = SimulatedCharger("CP-9", "x", "ws://127.0.0.1:9/ocpp", reconnect_delay=1.0, reconnect_max=60.0)
+    for n in range(12):
+        top = min(60.0, 2.0 ** n)
+        pauses = [sim._pause(n, 1.0) for _ in range(50)]
+        assert all(top / 2 <= p <= top for p in pauses) and len(set(pauses)) > 1
+
+
+def test_a_simulated_charger_reconnects_later_and_later_while_refused():
+    import asyncio
+
+    from webapp.chargers.simulator import SimulatedCharger
+
+    async def go():
+        sim = SimulatedCharger("CP-9", "x", "ws://127.0.0.1:9/ocpp", reconnect_delay=0.01, reconnect_max=0.05)
+        slept = []
+        real_sleep = asyncio.sleep
+
+        async def sleep(seconds, *a):
+            slept.append(seconds)
+            await real_sleep(0)
+
+        sim._connect = _refused_with(503)
+        runner = asyncio.create_task(sim.run())
+        asyncio.sleep = sleep
+        try:
+            while len(slept) < 6:
+                await real_sleep(0.001)
+        finally:
+            asyncio.sleep = real_sleep
+            runner.cancel()
+        return slept
+
+    slept = in_own_loop(go())
+    assert 0.005 <= slept[0] <= 0.01 and 0.01 <= slept[1] <= 0.02 and all(0.025 <= p <= 0.05 for p in slept[3:6])
+
+
+def _refused_with(status):
+    from webapp.chargers.simulator import Refused
+
+    async def connect():
+        raise Refused(status)
+
+    return connect
+
+
+def test_a_start_message_that_times_out_is_sent_again_and_history_is_bounded():
+    import asyncio
+
+    from webapp.chargers.simulator import Offline, SimulatedCharger
+
+    async def go():
+        sim = SimulatedCharger("CP-9", "x", "ws://127.0.0.1:9/ocpp", reconnect_delay=0.001, start_attempts=3, history=2)
+        sim._ready.set()
+        tries = []
+
+        async def flaky(request):
+            tries.append(type(request).__name__)
+            if len(tries) < 3:
+                raise TimeoutError if len(tries) == 1 else Offline("CP-9")
+            name = type(request).__name__
+            sim.sent.append((name, request))
+            sim._last_sent[name] = request
+            return "answer"
+
+        sim._call = flaky
+        assert await sim._call_retrying(call.Authorize(id_tag="T1")) == "answer"
+        assert tries == ["Authorize"] * 3
+        for request in (call.Heartbeat(), call.Heartbeat(), call.Heartbeat()):
+            await flaky(request)
+        assert len(sim.sent) == 2 and sim.last_sent("Authorize").id_tag == "T1"  # the history keeps the last 2; the last of each action stays
+
+        tries.clear()
+
+        async def never(request):
+            tries.append(1)
+            raise TimeoutError
+
+        sim._call = never
+        with pytest.raises(TimeoutError):
+            await sim._call_retrying(call.StartTransaction(connector_id=1, id_tag="T1", meter_start=0, timestamp="2026-01-01T00:00:00Z"))
+        assert len(tries) == 3
+
+    in_own_loop(go())

@@ -21,8 +21,9 @@ MIN_LENGTH = 10
 MAX_LENGTH = 128
 
 _hasher = PasswordHasher()  # argon2id with the library's current recommended parameters
-# Verified against when the email is unknown, so a miss costs as long as a hit (no timing oracle).
-_DUMMY_HASH = _hasher.hash("voltpay-timing-equaliser")
+# Verified against when the email is unknown, so a miss costs as long as a hit (no timing oracle). Made on first
+# use, not at import: a hash with the production parameters costs 64 MiB and a noticeable time to make.
+_DUMMY_HASH: str | None = None
 
 _SEQUENCES = ("0123456789", "abcdefghijklmnopqrstuvwxyz", "qwertyuiop", "asdfghjkl", "zxcvbnm", "1qaz2wsx3edc")
 
@@ -31,7 +32,16 @@ def use_fast_parameters_for_tests() -> None:
     """Cheap Argon2 parameters so the test suite is not dominated by hashing (never in production)."""
     global _hasher, _DUMMY_HASH
     _hasher = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-    _DUMMY_HASH = _hasher.hash("voltpay-timing-equaliser")
+    _DUMMY_HASH = None
+
+
+def _dummy_hash() -> str:
+    """The hash an unknown account is checked against, made with the current parameters on first use."""
+    global _DUMMY_HASH
+    dummy = _DUMMY_HASH
+    if dummy is None:
+        dummy = _DUMMY_HASH = _hasher.hash("voltpay-timing-equaliser")
+    return dummy
 
 
 def hash_password(password: str) -> str:
@@ -42,7 +52,7 @@ def hash_password(password: str) -> str:
 def verify_password(stored_hash: str | None, password: str) -> bool:
     """Check ``password`` against ``stored_hash`` in constant-ish time, even when there is no hash."""
     try:
-        return _hasher.verify(stored_hash or _DUMMY_HASH, password) and stored_hash is not None
+        return _hasher.verify(stored_hash or _dummy_hash(), password) and stored_hash is not None
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return False
 

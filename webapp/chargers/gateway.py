@@ -60,7 +60,7 @@ from ocpp.messages import Call, validate_payload
 from ocpp.routing import after, on
 from ocpp.v16 import ChargePoint, call, call_result
 from ocpp.v16.enums import Action, DataTransferStatus, RegistrationStatus
-from sqlalchemy import delete, select
+from sqlalchemy import delete, insert, select
 from sqlalchemy.exc import IntegrityError
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import InvalidHeader
@@ -73,6 +73,7 @@ from webapp.auth.passwords import verify_password
 from webapp.chargers.client import SECRET_HEADER, command_status
 from webapp.charging import jobs, service
 from webapp.charging.models import ChargeCommand, ChargerConnection, ChargingSession, CommandStatus, OcppMessage
+from webapp.db import read_only
 from webapp.models import Charger
 
 # Schema checks run in the loop: cheaper than a thread-pool hop per message (notes, pitfall 9).
@@ -181,11 +182,11 @@ class ChargerLink(ChargePoint):
                     now = utcnow()
                     service.charger_seen(s, charger, now)
                     answer, response, session_id = work(s, charger, now)
-                    s.add_all([
-                        OcppMessage(charger_id=self.charger_id, session_id=session_id, direction="in", action=msg.action,
-                                    payload=service.dumps_json(msg.payload), at=now),
-                        OcppMessage(charger_id=self.charger_id, session_id=session_id, direction="out", action=msg.action,
-                                    payload=service.dumps_json(_wire(response)), at=now),
+                    s.execute(insert(OcppMessage), [  # both rows in one statement, in the message's transaction
+                        {"charger_id": self.charger_id, "session_id": session_id, "direction": "in", "action": msg.action,
+                         "payload": service.dumps_json(msg.payload), "at": now},
+                        {"charger_id": self.charger_id, "session_id": session_id, "direction": "out", "action": msg.action,
+                         "payload": service.dumps_json(_wire(response)), "at": now},
                     ])
                     s.commit()
                 if answer is not None and answer.settle:
@@ -222,9 +223,8 @@ class ChargerLink(ChargePoint):
         settings = [("MeterValuesSampledData", SAMPLED_DATA)]
         if interval:
             settings.insert(0, ("MeterValueSampleInterval", str(interval)))
-        for key, value in settings:
-            await self.command("ChangeConfiguration", {"key": key, "value": value},
-                               key=f"charger:{self.charger_id}:connection:{self.connection_id}:boot:{boot}:{key}")
+        await self.commands([("ChangeConfiguration", {"key": key, "value": value},
+                              f"charger:{self.charger_id}:connection:{self.connection_id}:boot:{boot}:{key}") for key, value in settings])
 
     @on(Action.heartbeat)
     async def on_heartbeat(self, **kw):
@@ -274,7 +274,7 @@ class ChargerLink(ChargePoint):
         def work(s, charger, now):
             answer = service.meter_values(s, charger, connector_number=connector_id, transaction_id=transaction_id,
                                           readings=readings, now=now)
-            return answer, call_result.MeterValues(), _session_of(s, transaction_id)
+            return answer, call_result.MeterValues(), answer.session_id
 
         answer, response, session_id = await self._apply(work)
         if answer.stop_transaction_id is not None:
@@ -305,7 +305,7 @@ class ChargerLink(ChargePoint):
                 reason=reason, readings=readings, now=now,
             )
             info = {"status": answer.id_tag_status} if id_tag else None
-            return answer, call_result.StopTransaction(id_tag_info=info), _session_of(s, transaction_id)
+            return answer, call_result.StopTransaction(id_tag_info=info), answer.session_id
 
         return (await self._apply(work))[1]
 
@@ -329,16 +329,23 @@ class ChargerLink(ChargePoint):
 
     async def run_call(self, action: str, payload: dict, *, session_id: int | None = None) -> CallOutcome:
         """Send one command (snake_case payload) and wait for the answer; the exchange is logged in ``ocpp_messages``."""
+        outcome, wire, sent_at = await self._exchange(action, payload)
+        if wire is not None:
+            self.gateway.spawn(asyncio.to_thread(self.gateway.log_command, self.charger_id, session_id, action, wire, outcome, sent_at))
+        return outcome
+
+    async def _exchange(self, action: str, payload: dict) -> tuple[CallOutcome, dict | None, dt.datetime | None]:
+        """Send one command and wait for the answer: the outcome, the request as sent and when (None: not sent)."""
         if action not in COMMANDS:
-            return CallOutcome("bad_request", error=f"unknown action {action!r}; one of {', '.join(sorted(COMMANDS))}")
+            return CallOutcome("bad_request", error=f"unknown action {action!r}; one of {', '.join(sorted(COMMANDS))}"), None, None
         try:
             request = getattr(call, action)(**payload)
             wire = _wire(request)
             await validate_payload(Call(unique_id="check", action=action, payload=wire), "1.6")
         except TypeError as e:
-            return CallOutcome("bad_request", error=f"payload of {action}: {e}")
+            return CallOutcome("bad_request", error=f"payload of {action}: {e}"), None, None
         except OCPPError as e:
-            return CallOutcome("bad_request", error=f"payload of {action}: {(e.details or {}).get('cause') or e.description}")
+            return CallOutcome("bad_request", error=f"payload of {action}: {(e.details or {}).get('cause') or e.description}"), None, None
         sent_at = utcnow()
         try:
             result = await asyncio.wait_for(self.call(request, suppress=False), self.gateway.timeout)
@@ -351,25 +358,40 @@ class ChargerLink(ChargePoint):
         else:
             response = remove_nones(serialize_as_dict(result))
             outcome = CallOutcome("ok", status=str(response.get("status")), response=response)
-        self.gateway.spawn(asyncio.to_thread(self.gateway.log_command, self.charger_id, session_id, action, wire, outcome, sent_at))
-        return outcome
+        return outcome, wire, sent_at
 
     async def command(self, action: str, payload: dict, *, key: str, session_id: int | None = None, requested_by: str = "gateway",
                       attempts: int = 1, retry_after: float = 5.0) -> CallOutcome | None:
         """A command of the gateway's own (boot configuration, auto-stop): recorded as a ChargeCommand, sent once per ``key``
         (up to ``attempts`` times while the charger does not answer on this connection)."""
-        command_id = await asyncio.to_thread(self.gateway.record_command, self.charger_id, action, payload, key, session_id, requested_by)
-        if command_id is None:
-            return None  # this key was sent before
-        for attempt in range(1, attempts + 1):
-            outcome = await self.run_call(action, payload, session_id=session_id)
-            if outcome.kind not in ("timeout", "call_error") or attempt == attempts or self.gateway.links.get(self.id) is not self:
-                break
-            await asyncio.sleep(retry_after)
-        await asyncio.to_thread(self.gateway.finish_command, command_id, outcome)
-        if outcome.kind != "ok":
-            log.warning("charger command failed", extra={"charger": self.id, "action": action, "outcome": outcome.kind, "error": outcome.error})
-        return outcome
+        return (await self.commands([(action, payload, key)], session_id=session_id, requested_by=requested_by, attempts=attempts,
+                                    retry_after=retry_after))[0]
+
+    async def commands(self, items: list[tuple[str, dict, str]], *, session_id: int | None = None, requested_by: str = "gateway",
+                       attempts: int = 1, retry_after: float = 5.0) -> list[CallOutcome | None]:
+        """``command`` for several ``(action, payload, key)`` sent one after the other: recorded in one transaction, their
+        outcomes recorded and logged in one (None for a key sent before)."""
+        ids = await asyncio.to_thread(self.gateway.record_commands, self.charger_id, items, session_id, requested_by)
+        outcomes: list[CallOutcome | None] = []
+        done = []
+        for (action, payload, _key), command_id in zip(items, ids, strict=True):
+            if command_id is None:
+                outcomes.append(None)  # this key was sent before
+                continue
+            for attempt in range(1, attempts + 1):
+                outcome, wire, sent_at = await self._exchange(action, payload)
+                if wire is not None:
+                    done.append((None, action, wire, outcome, sent_at))  # each attempt is logged
+                if outcome.kind not in ("timeout", "call_error") or attempt == attempts or self.gateway.links.get(self.id) is not self:
+                    break
+                await asyncio.sleep(retry_after)
+            done.append((command_id, action, None, outcome, None))
+            outcomes.append(outcome)
+            if outcome.kind != "ok":
+                log.warning("charger command failed", extra={"charger": self.id, "action": action, "outcome": outcome.kind, "error": outcome.error})
+        if done:
+            await asyncio.to_thread(self.gateway.finish_commands, self.charger_id, session_id, done)
+        return outcomes
 
 
 class GatewayServer:
@@ -530,7 +552,7 @@ class GatewayServer:
 
     def _check_password(self, cp_id: str, password: str) -> int | None:
         with self.factory() as s:
-            row = s.execute(select(Charger.id, Charger.password_hash).where(Charger.charge_point_id == cp_id)).first()
+            row = read_only(s).execute(select(Charger.id, Charger.password_hash).where(Charger.charge_point_id == cp_id)).first()
         if row is None:
             verify_password(None, password)  # an unknown charger takes as long as a wrong password
             return None
@@ -597,6 +619,38 @@ class GatewayServer:
         except Exception:
             log.exception("settlement not queued; the watchdog will settle", extra={"sessions": ",".join(map(str, session_ids))})
 
+    def record_commands(self, charger_id: int, items: list[tuple[str, dict, str]], session_id: int | None,
+                        requested_by: str) -> list[int | None]:
+        """Insert the rows of several ``(action, payload, key)`` commands in one transaction; None for a key used before."""
+        if len(items) == 1:
+            action, payload, key = items[0]
+            return [self.record_command(charger_id, action, payload, key, session_id, requested_by)]
+        with self.factory() as s:
+            keys = [key for _a, _p, key in items]
+            used = set(s.scalars(select(ChargeCommand.idempotency_key).where(ChargeCommand.idempotency_key.in_(keys))))
+            rows = {key: ChargeCommand(charger_id=charger_id, session_id=session_id, action=action, payload=service.dumps_json(payload),
+                                       idempotency_key=key, requested_by=requested_by[:64], status=CommandStatus.SENDING)
+                    for action, payload, key in items if key not in used}
+            s.add_all(rows.values())
+            try:
+                s.commit()
+            except IntegrityError:  # another process took one of the keys meanwhile: one at a time
+                s.rollback()
+                return [self.record_command(charger_id, action, payload, key, session_id, requested_by) for action, payload, key in items]
+            return [rows[key].id if key in rows else None for key in keys]
+
+    def finish_commands(self, charger_id: int, session_id: int | None,
+                        done: list[tuple[int | None, str, dict | None, CallOutcome, dt.datetime | None]]) -> None:
+        """In one transaction: ``(command id, action, wire, outcome, sent at)`` records a command's outcome when the id is
+        given and logs the exchange in ``ocpp_messages`` when the wire is."""
+        with self.factory() as s:
+            for command_id, action, wire, outcome, sent_at in done:
+                if command_id is not None:
+                    self._finish(s, command_id, outcome)
+                if wire is not None:
+                    session_id = self._log(s, charger_id, session_id, action, wire, outcome, sent_at)
+            s.commit()
+
     def record_command(self, charger_id: int, action: str, payload: dict, key: str, session_id: int | None,
                        requested_by: str) -> int | None:
         """Insert the command row (status sending); None when the key was used before."""
@@ -616,27 +670,36 @@ class GatewayServer:
     def finish_command(self, command_id: int, outcome: CallOutcome) -> None:
         """Record a command's outcome."""
         with self.factory() as s:
-            row = s.get(ChargeCommand, command_id)
-            row.status = outcome.command_status()
-            row.response = service.dumps_json(outcome.response if outcome.kind == "ok" else {"error": outcome.error})
-            row.answered_at = utcnow()
+            self._finish(s, command_id, outcome)
             s.commit()
+
+    @staticmethod
+    def _finish(s, command_id: int, outcome: CallOutcome) -> None:
+        row = s.get(ChargeCommand, command_id)
+        row.status = outcome.command_status()
+        row.response = service.dumps_json(outcome.response if outcome.kind == "ok" else {"error": outcome.error})
+        row.answered_at = utcnow()
 
     def log_command(self, charger_id: int, session_id: int | None, action: str, wire: dict, outcome: CallOutcome,
                     sent_at: dt.datetime) -> None:
         """Log a command and the charger's answer in ``ocpp_messages``."""
         with self.factory() as s:
-            if session_id is not None and s.get(ChargingSession, session_id) is None:
-                session_id = None
-            s.add(OcppMessage(charger_id=charger_id, session_id=session_id, direction="out", action=action,
-                              payload=service.dumps_json(wire), at=sent_at))
-            if outcome.kind == "ok":
-                s.add(OcppMessage(charger_id=charger_id, session_id=session_id, direction="in", action=action,
-                                  payload=service.dumps_json(snake_to_camel_case(outcome.response)), at=utcnow()))
-            elif outcome.kind == "call_error":
-                s.add(OcppMessage(charger_id=charger_id, session_id=session_id, direction="in", action="CallError",
-                                  payload=service.dumps_json({"error": outcome.error}), at=utcnow()))
+            self._log(s, charger_id, session_id, action, wire, outcome, sent_at)
             s.commit()
+
+    @staticmethod
+    def _log(s, charger_id: int, session_id: int | None, action: str, wire: dict, outcome: CallOutcome, sent_at: dt.datetime) -> int | None:
+        if session_id is not None and s.get(ChargingSession, session_id) is None:
+            session_id = None
+        s.add(OcppMessage(charger_id=charger_id, session_id=session_id, direction="out", action=action,
+                          payload=service.dumps_json(wire), at=sent_at))
+        if outcome.kind == "ok":
+            s.add(OcppMessage(charger_id=charger_id, session_id=session_id, direction="in", action=action,
+                              payload=service.dumps_json(snake_to_camel_case(outcome.response)), at=utcnow()))
+        elif outcome.kind == "call_error":
+            s.add(OcppMessage(charger_id=charger_id, session_id=session_id, direction="in", action="CallError",
+                              payload=service.dumps_json({"error": outcome.error}), at=utcnow()))
+        return session_id
 
     # ------------------------------------------------------------------ the internal endpoint's entry (HTTP threads)
 
@@ -683,6 +746,7 @@ class _InternalHandler(BaseHTTPRequestHandler):
     gateway: GatewayServer
     server_version = "VoltpayGateway/1"
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # keep-alive: the answer's small writes must not wait for the client's delayed ACK (40 ms)
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's hook name
         """Health check: the gateway runs; how many chargers it holds."""

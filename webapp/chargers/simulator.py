@@ -25,6 +25,14 @@ reason Reboot, then it reconnects, boots and sends the queued messages) and
 
 Tests drive chargers from their own thread through ``SimulatorThread``;
 ``run_fleet`` runs many for the demo and the benchmarks.
+
+A central system that does not keep up is not made busier: reconnects (after a
+lost connection, a refused or timed-out connect or boot) wait
+``reconnect_delay`` doubled after each failure up to ``reconnect_max``, with
+jitter, so a fleet does not come back in one storm; an Authorize or
+StartTransaction that times out is sent again (``start_attempts``), and a
+transaction message that times out is sent again after a growing pause.
+``sent`` and ``received`` keep the last ``history`` entries.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import random
 import threading
 import urllib.parse
 from collections.abc import Iterable, Mapping
@@ -130,13 +139,13 @@ class _Link(ChargePoint):
     @on(Action.remote_stop_transaction)
     def on_sim_remote_stop(self, transaction_id, **kw):
         self._received("RemoteStopTransaction", {"transaction_id": transaction_id})
-        return call_result.RemoteStopTransaction(status="Accepted" if self.sim._by_transaction(transaction_id) else "Rejected")
+        # A StartTransaction whose answer is still on its way may be this transaction (the central system commits, then answers).
+        known = self.sim._by_transaction(transaction_id) is not None or bool(self.sim._starting)
+        return call_result.RemoteStopTransaction(status="Accepted" if known else "Rejected")
 
     @after(Action.remote_stop_transaction)
     def after_sim_remote_stop(self, transaction_id, **kw):
-        c = self.sim._by_transaction(transaction_id)
-        if c is not None:
-            self.sim._spawn(self.sim._end(c, "Remote"))
+        self.sim._spawn(self.sim._remote_stop(transaction_id))
 
     @on(Action.change_configuration)
     def on_sim_change_configuration(self, key, value, **kw):
@@ -190,7 +199,8 @@ class SimulatedCharger:
         unplug_delay: float | None = 0.5, meter_interval: float | None = None, time_scale: float = 1.0, faults: Iterable[str] = (),
         drop_after: int = 3, offline_s: float = 1.0, never_start_timeout: float = 3.0, heartbeat_interval: float | None = None,
         reconnect_delay: float = 1.0, response_timeout: float = 10.0, vendor: str = "Voltpay", model: str = "Sim-22",
-        serial: str | None = None, firmware: str = "sim-1.0", subprotocol: str = "ocpp1.6",
+        serial: str | None = None, firmware: str = "sim-1.0", subprotocol: str = "ocpp1.6", reconnect_max: float = 60.0,
+        start_attempts: int = 4, history: int = 1000,
     ):
         unknown = set(faults) - FAULTS
         if unknown:
@@ -205,11 +215,15 @@ class SimulatedCharger:
         self.drop_after, self.offline_s, self.never_start_timeout = drop_after, offline_s, never_start_timeout
         self.heartbeat_interval = heartbeat_interval  # None: as the boot answer says
         self.reconnect_delay, self.response_timeout = reconnect_delay, response_timeout
+        self.reconnect_max, self.start_attempts = reconnect_max, start_attempts
+        self._failures = 0  # connects (or boots) in a row that failed: the backoff's exponent
+        self._starting: set[asyncio.Future] = set()  # StartTransactions waiting for their answer (done when answered)
         self.vendor, self.model, self.serial, self.firmware = vendor, model, serial or f"SN-{cp_id}"[:25], firmware
         self.subprotocol = subprotocol
         self.configuration: dict[str, str] = {"MeterValueSampleInterval": str(DEFAULT_SAMPLE_INTERVAL)}
-        self.sent: list[tuple[str, object]] = []  # every request the central system answered, in order
-        self.received: list[tuple[str, dict]] = []  # every command received (action, fields)
+        self.sent: collections.deque[tuple[str, object]] = collections.deque(maxlen=history)  # requests answered, in order (the last ``history``)
+        self.received: collections.deque[tuple[str, dict]] = collections.deque(maxlen=history)  # commands received (action, fields)
+        self._last_sent: dict[str, object] = {}  # the last answered request of each action
         self.errors: list[BaseException] = []  # failures of background work (tests assert it stays empty)
         self.boots = 0
         self.booted = asyncio.Event()  # set after the first boot was accepted
@@ -241,10 +255,10 @@ class SimulatedCharger:
 
     def last_sent(self, action: str):
         """The last request of ``action`` the central system answered (to send it again, as a replay)."""
-        for name, request in reversed(self.sent):
-            if name == action:
-                return request
-        raise LookupError(f"{self.cp_id} has sent no {action}")
+        try:
+            return self._last_sent[action]
+        except KeyError:
+            raise LookupError(f"{self.cp_id} has sent no {action}") from None
 
     def count_received(self, action: str) -> int:
         """How many ``action`` commands the central system sent."""
@@ -311,10 +325,10 @@ class SimulatedCharger:
                     log.error("simulated charger refused", extra={"charger": self.cp_id, "status": e.status})
                     if e.status in (401, 403, 404):
                         raise
-                    await asyncio.sleep(self.reconnect_delay)
+                    await self._backoff()
                     continue
                 except (OSError, TimeoutError, websockets.InvalidHandshake, websockets.InvalidURI):
-                    await asyncio.sleep(self.reconnect_delay)
+                    await self._backoff()
                     continue
             reader = self._reader
             try:
@@ -332,7 +346,17 @@ class SimulatedCharger:
                         await self._ws.close()
                     self._ws = None
             if not self._closed and not self._hold_offline:
-                await asyncio.sleep(self.reconnect_delay)  # the connection was lost: try again after a pause
+                await self._backoff()  # the connection was lost (or the boot timed out): try again after a pause
+
+    def _pause(self, n: int, base: float) -> float:
+        """Exponential backoff with jitter: ``base`` × 2**n up to ``reconnect_max``, a random half to all of it."""
+        return min(self.reconnect_max, base * 2 ** min(n, 30)) * random.uniform(0.5, 1.0)
+
+    async def _backoff(self) -> None:
+        """Wait before connecting again: longer after each failure in a row (a boot answered resets it)."""
+        pause = self._pause(self._failures, self.reconnect_delay)
+        self._failures += 1
+        await asyncio.sleep(pause)
 
     async def _caught_up(self) -> None:
         """After connecting: boot if needed, send what was queued, then every connector's status."""
@@ -355,6 +379,7 @@ class SimulatedCharger:
             await asyncio.shield(self._flusher)
         for c in self.connectors.values():
             await self._call(call.StatusNotification(connector_id=c.number, error_code="NoError", status=c.status, timestamp=c.status_at))
+        self._failures = 0
         self._ready.set()
         self.booted.set()
 
@@ -379,8 +404,25 @@ class SimulatedCharger:
             result = sending.result()
         except websockets.ConnectionClosed:
             raise Offline(self.cp_id) from None
-        self.sent.append((type(request).__name__, request))
+        name = type(request).__name__
+        self.sent.append((name, request))
+        self._last_sent[name] = request
         return result
+
+    async def _call_retrying(self, request):
+        """``_call``, sent again after a timeout (or once connected again) up to ``start_attempts`` times with a growing pause."""
+        for attempt in range(self.start_attempts):
+            try:
+                return await self._call(request)
+            except (TimeoutError, Offline):
+                if attempt == self.start_attempts - 1 or self._closed:
+                    raise
+                log.warning("simulated charger sends again after a timeout", extra={"charger": self.cp_id, "action": type(request).__name__})
+            await asyncio.sleep(self._pause(attempt, self.reconnect_delay))
+            if not self._ready.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._ready.wait(), self.response_timeout)
+        raise AssertionError("unreachable")
 
     async def send(self, request):
         """Send any OCPP 1.6 request now (a test replaying a message) and return the central system's answer."""
@@ -410,6 +452,7 @@ class SimulatedCharger:
             self._flusher = asyncio.create_task(self._flush())
 
     async def _flush(self) -> None:
+        timeouts = 0
         while self._queue:
             request = self._queue[0]
             try:
@@ -417,6 +460,10 @@ class SimulatedCharger:
             except Offline:
                 return  # sent again (in order) after reconnecting
             except TimeoutError:
+                # The central system is slow (it may have stored it: a repeat is applied once): send it again after a pause.
+                log.warning("simulated charger sends again after a timeout", extra={"charger": self.cp_id, "action": type(request).__name__})
+                await asyncio.sleep(self._pause(timeouts, self.reconnect_delay))
+                timeouts += 1
                 continue
             except OCPPError as e:
                 log.warning("central system refused a transaction message", extra={"charger": self.cp_id, "error": str(e)})
@@ -436,6 +483,7 @@ class SimulatedCharger:
         if self._link is None:
             return  # sent with every connector's status after reconnecting
         with contextlib.suppress(Offline, TimeoutError, OCPPError):
+            await self._drain()  # what was queued before goes first: a status must not overtake the stop it follows
             await self._call(call.StatusNotification(connector_id=c.number, error_code="NoError", status=status, timestamp=c.status_at))
 
     def _accept_start(self, connector_id: int | None) -> str:
@@ -471,16 +519,31 @@ class SimulatedCharger:
                 c.plugged = True
         if c.status != "Preparing":
             await self._status(c, "Preparing")
-        auth = await self._call(call.Authorize(id_tag=id_tag))
+        auth = await self._call_retrying(call.Authorize(id_tag=id_tag))
         if auth.id_tag_info.get("status") != "Accepted":
             await self._status(c, "Available")
             return
         await self._begin(c, id_tag)
 
+    async def _remote_stop(self, transaction_id: int) -> None:
+        if self._by_transaction(transaction_id) is None and self._starting:
+            await asyncio.wait(set(self._starting), timeout=self.response_timeout * self.start_attempts)
+        c = self._by_transaction(transaction_id)
+        if c is not None:
+            await self._end(c, "Remote")
+
     async def _begin(self, c: SimConnector, id_tag: str) -> None:
         meter_start = int(c.register_wh)
-        r = await self._call(call.StartTransaction(connector_id=c.number, id_tag=id_tag, meter_start=meter_start, timestamp=_now()))
-        c.transaction_id, c.last_transaction_id, c.id_tag = r.transaction_id, r.transaction_id, id_tag
+        starting = asyncio.get_running_loop().create_future()
+        self._starting.add(starting)
+        try:
+            # Sent again after a timeout: the central system answers a repeated start with the same transaction.
+            r = await self._call_retrying(call.StartTransaction(connector_id=c.number, id_tag=id_tag, meter_start=meter_start,
+                                                                timestamp=_now()))
+            c.transaction_id, c.last_transaction_id, c.id_tag = r.transaction_id, r.transaction_id, id_tag
+        finally:
+            self._starting.discard(starting)
+            starting.set_result(None)
         c.meter_start_wh, c.meter_values_sent = meter_start, 0
         c._tick = asyncio.get_running_loop().time()
         if r.id_tag_info.get("status") != "Accepted":
@@ -724,6 +787,7 @@ async def run_fleet(url: str, chargers: Iterable[tuple[str, str]], *, faults: Ma
     Chargers reconnect on their own, so the gateway may start after them.
     """
     faults = faults or {}
+    options.setdefault("history", 20)  # nobody reads a fleet charger's history: keep its memory flat
     sims = [SimulatedCharger(cp_id, password, url, faults=faults.get(cp_id, ()), **options) for cp_id, password in chargers]
     stop = stop or asyncio.Event()
 

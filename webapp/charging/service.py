@@ -54,7 +54,7 @@ import secrets
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
-from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import ROUND_DOWN, ROUND_HALF_UP, ROUND_UP, Decimal, InvalidOperation
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -64,7 +64,7 @@ from payments import cards
 from payments import wallet as wallet_mod
 from payments.cards import CardPayment, CardRefund, Purpose
 from payments.ledger import AccountKind, InsufficientFunds, JournalEntry, get_account, post
-from payments.money import Money, MoneyError
+from payments.money import Money, MoneyError, to_minor
 from payments.price_display import DEFAULT_HOLD_POLICY, HoldPolicy, default_hold
 from payments.providers.base import CardDeclined, InvalidRequest, PaymentProvider, ProviderError, ProviderUnavailable
 from payments.tariff_store import TariffVersion, connector_owner, tariff_in_force
@@ -663,10 +663,20 @@ class Answer:
     stop_transaction_id: int | None = None  # send RemoteStopTransaction for this transaction
     stop_reason: str | None = None
     settle: list[int] = field(default_factory=list)  # sessions to settle in the worker
+    session_id: int | None = None  # the session the message was about, when known (the message log's)
+
+
+SEEN_EVERY = dt.timedelta(seconds=30)  # "last seen" is written at most this often per charger (not on every message)
+
+
+def _seen_recently(charger: Charger, now: dt.datetime) -> bool:
+    last = charger.last_seen_at
+    return last is not None and dt.timedelta(0) <= now - last < SEEN_EVERY
 
 
 def _touch(charger: Charger, now: dt.datetime) -> None:
-    charger.last_seen_at = now
+    if not _seen_recently(charger, now):
+        charger.last_seen_at = now
 
 
 def charger_booted(s: Session, charger: Charger, *, vendor: str | None, model: str | None, serial: str | None,
@@ -682,7 +692,9 @@ def charger_booted(s: Session, charger: Charger, *, vendor: str | None, model: s
 
 
 def charger_seen(s: Session, charger: Charger, now: dt.datetime) -> None:
-    """Heartbeat or any message: the charger is alive."""
+    """Heartbeat or any message: the charger is alive (written at most every ``SEEN_EVERY``, with its connection row)."""
+    if _seen_recently(charger, now):
+        return
     _touch(charger, now)
     conn = s.get(ChargerConnection, charger.id)
     if conn is not None:
@@ -738,6 +750,7 @@ def _status_sample(s: Session, cs: ChargingSession, at: dt.datetime, *, was_char
         return
     energy = last.energy_wh if last is not None else (cs.meter_start_wh or Decimal(0))
     s.add(SessionSample(session_id=cs.id, at=at, energy_wh=energy, power_w=None, charging=was_charging, source="status"))
+    _LIVE_PRICED.pop(cs.id, None)  # the state of an interval may have changed: the next reading re-prices
 
 
 def _last_sample(s: Session, cs: ChargingSession) -> SessionSample | None:
@@ -845,17 +858,30 @@ def _session_by_transaction(s: Session, transaction_id: int | None) -> ChargingS
     return s.scalar(select(ChargingSession).where(ChargingSession.transaction_id == transaction_id).with_for_update())
 
 
-def _add_readings(s: Session, cs: ChargingSession, readings: Iterable[Reading], *, until: dt.datetime | None, source: str) -> None:
-    """Store readings as samples once each; note a register going backwards as the session's anomaly."""
+def _add_readings(s: Session, cs: ChargingSession, readings: Iterable[Reading], *, until: dt.datetime | None,
+                  source: str) -> tuple[SessionSample | None, dt.datetime | None]:
+    """Store readings as samples once each; note a register going backwards as the session's anomaly.
+
+    Returns the session's last sample afterwards and the earliest instant a sample was added at (None: none added).
+    Only a reading's neighbours are read: the last sample when the reading comes after it (the usual case), else
+    (an offline queue, transactionData) the samples just before and just after it.
+    """
     start = cs.started_at
-    existing = {r.at: r for r in s.scalars(select(SessionSample).where(SessionSample.session_id == cs.id))}
+    last = _last_sample(s, cs)
+    earliest = None
+    S = SessionSample
     for r in readings:
-        if r.energy_wh is None or start is None or r.at <= start or (until is not None and r.at > until) or r.at in existing:
+        if r.energy_wh is None or start is None or r.at <= start or (until is not None and r.at > until):
             continue
+        if last is None or r.at > last.at:
+            before, after = last, None
+        else:
+            before = s.scalar(select(S).where(S.session_id == cs.id, S.at <= r.at).order_by(S.at.desc()).limit(1))
+            if before is not None and before.at == r.at:
+                continue  # stored before (a replay)
+            after = s.scalar(select(S).where(S.session_id == cs.id, S.at > r.at).order_by(S.at).limit(1))
         # Charging or idle: the power says so when reported, else the connector's status (SuspendedEV: the car is full).
         charging = r.power_w > 0 if r.power_w is not None else cs.connector.status in CHARGING_STATUSES or cs.connector.status is None
-        before = max((x for x in existing.values() if x.at < r.at), key=lambda x: x.at, default=None)
-        after = min((x for x in existing.values() if x.at > r.at), key=lambda x: x.at, default=None)
         floor = before.energy_wh if before is not None else (cs.meter_start_wh or Decimal(0))
         if r.energy_wh < floor or (after is not None and r.energy_wh > after.energy_wh):
             cs.anomaly = cs.anomaly or "meter_backwards"
@@ -863,8 +889,79 @@ def _add_readings(s: Session, cs: ChargingSession, readings: Iterable[Reading], 
         row = SessionSample(session_id=cs.id, at=r.at, energy_wh=r.energy_wh, power_w=r.power_w, current_a=r.current_a,
                             charging=bool(charging), source=source)
         s.add(row)
-        existing[r.at] = row
+        if last is None or row.at > last.at:
+            last = row
+        earliest = r.at if earliest is None else min(earliest, r.at)
     s.flush()
+    return last, earliest
+
+
+# The live cost is priced by the tariff engine from the whole session, which costs more the longer the session, so
+# not on every reading: at the latest once 1/LIVE_PRICE_SHARE of the session's time (at most LIVE_PRICE_MAX_AGE) has
+# passed since the last pricing, and whenever the cost could have reached the hold since then (an upper bound from
+# the tariff's highest prices), so the stop at the hold comes at the same reading as with a pricing on every reading.
+LIVE_PRICE_SHARE = 20
+LIVE_PRICE_MAX_AGE = dt.timedelta(minutes=5)
+_LIVE_CACHE_MAX = 50_000
+
+
+@dataclass(frozen=True)
+class _Priced:
+    """The last live pricing of a session in this process: up to ``end``, the register then, the cost found."""
+
+    end: dt.datetime
+    register_wh: Decimal
+    cost_minor: int
+
+
+@dataclass(frozen=True)
+class _Rates:
+    """The most a tariff can add, VAT included, in major units: per Wh, per second, and once (fees, step sizes, minimum)."""
+
+    per_wh: Decimal
+    per_s: Decimal
+    once: Decimal
+
+
+_LIVE_PRICED: dict[int, _Priced] = {}  # session id → its last live pricing here (a miss just prices)
+_RATES: dict[int, _Rates] = {}  # tariff version id → its rates (versions never change)
+
+
+def _rates(cs: ChargingSession) -> _Rates:
+    rates = _RATES.get(cs.tariff_version_id)
+    if rates is None:
+        t = cs.tariff_version.compiled
+        comps = [c for el in t.elements for c in el.components.values()]
+
+        def top(kind: str, attr: str = "price_incl_vat") -> Decimal:
+            return max([Decimal(0)] + [max(Decimal(getattr(c, attr)), Decimal(0)) for c in comps if c.type == kind])
+
+        per_wh = top("ENERGY") / 1000
+        per_s = (top("TIME") + top("PARKING_TIME")) / 3600
+        # step sizes round the last period up; a period's seconds are rounded (half up) once it grows
+        once = top("FLAT") + per_wh * top("ENERGY", "step_size") + per_s * (max(top("TIME", "step_size"), top("PARKING_TIME", "step_size")) + 1)
+        if t.min_price is not None:  # below the minimum price the mix of VAT rates still moves the total
+            factor = max([Decimal(1)] + [c.factor for c in comps])
+            once += max(t.min_price[1] or Decimal(0), t.min_price[0] * factor)
+        if len(_RATES) >= _LIVE_CACHE_MAX:
+            _RATES.clear()
+        rates = _RATES[cs.tariff_version_id] = _Rates(per_wh, per_s, once)
+    return rates
+
+
+def _must_price(cs: ChargingSession, end: dt.datetime, register_wh: Decimal, earliest_added: dt.datetime | None) -> bool:
+    """Whether the live cost must be priced again now (see ``LIVE_PRICE_SHARE``)."""
+    p = _LIVE_PRICED.get(cs.id)
+    if p is None or p.cost_minor != cs.cost_minor or end < p.end or register_wh < p.register_wh or cs.started_at is None:
+        return True  # never priced here, priced elsewhere since, or the samples changed
+    if earliest_added is not None and earliest_added <= p.end:
+        return True  # a late reading changed what was priced
+    since = end - p.end
+    if since >= min(LIVE_PRICE_MAX_AGE, (end - cs.started_at) / LIVE_PRICE_SHARE):
+        return True
+    r = _rates(cs)
+    rise = (register_wh - p.register_wh) * r.per_wh + Decimal(since // dt.timedelta(microseconds=1)) / 1_000_000 * r.per_s + r.once
+    return cs.cost_minor + to_minor(rise, cs.currency, rounding=ROUND_UP).amount + 1 >= cs.hold_minor
 
 
 def meter_values(s: Session, charger: Charger, *, connector_number: int, transaction_id: int | None, readings: list[Reading],
@@ -872,22 +969,28 @@ def meter_values(s: Session, charger: Charger, *, connector_number: int, transac
     """MeterValues: store the readings, update the live energy and cost, and say whether to stop (limits reached)."""
     _touch(charger, now)
     cs = _session_by_transaction(s, transaction_id)
-    ans = Answer(transaction_id=transaction_id or 0)
+    ans = Answer(transaction_id=transaction_id or 0, session_id=cs.id if cs is not None else None)
     if cs is None or cs.state != SessionState.CHARGING:
         return ans  # a reading outside a live session (connector 0, after the stop, a replay): nothing to bill
     cs.last_message_at = now
-    _add_readings(s, cs, readings, until=None, source="meter_values")
-    last = _last_sample(s, cs)
+    last, earliest = _add_readings(s, cs, readings, until=None, source="meter_values")
     if last is not None:
         cs.energy_wh = last.energy_wh - (cs.meter_start_wh or Decimal(0))
         cs.power_w = last.power_w
         end = last.at
     else:
         end = max(now, cs.started_at)
-    try:
-        cs.cost_minor = _priced_total(s, cs, end)["incl_vat"].amount
-    except PricingError as e:
-        log.warning("session %s cannot be priced live: %s", cs.id, e)
+    register = last.energy_wh if last is not None else (cs.meter_start_wh or Decimal(0))
+    if _must_price(cs, end, register, earliest):
+        try:
+            cs.cost_minor = _priced_total(s, cs, end)["incl_vat"].amount
+        except PricingError as e:
+            log.warning("session %s cannot be priced live: %s", cs.id, e)
+            _LIVE_PRICED.pop(cs.id, None)
+        else:
+            if len(_LIVE_PRICED) >= _LIVE_CACHE_MAX:
+                _LIVE_PRICED.clear()
+            _LIVE_PRICED[cs.id] = _Priced(end, register, cs.cost_minor)
     reason = _limit_reached(cs, end)
     if reason and (cs.stop_requested_at is None or now - cs.stop_requested_at >= STOP_RETRY):
         # Asked again while the charger keeps sending readings: a lost RemoteStop must not let it charge past the hold.
@@ -923,6 +1026,9 @@ def stop_transaction(
     _touch(charger, now)
     ans = Answer(transaction_id=transaction_id)
     cs = _session_by_transaction(s, transaction_id)
+    if cs is not None:
+        ans.session_id = cs.id
+        _LIVE_PRICED.pop(cs.id, None)
     if cs is None or cs.stopped_at is not None:
         return ans
     cs.last_message_at = now
@@ -932,8 +1038,7 @@ def stop_transaction(
         return ans  # a start we had refused (cancelled, timed out): nothing to bill
     stopped = max(timestamp, cs.started_at)
     _add_readings(s, cs, readings, until=stopped, source="transaction_data")
-    _add_readings(s, cs, [Reading(stopped, meter_stop_wh)], until=stopped, source="stop")
-    last = _last_sample(s, cs)
+    last, _ = _add_readings(s, cs, [Reading(stopped, meter_stop_wh)], until=stopped, source="stop")
     if last is not None and last.at == stopped and last.energy_wh != meter_stop_wh:
         cs.anomaly = cs.anomaly or "meter_backwards"
     cs.meter_stop_wh = meter_stop_wh
