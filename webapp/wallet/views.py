@@ -39,6 +39,10 @@ ENTRY_LABELS = {
     "Reserved for charging": _l("Reserved for charging"),
     "Charging paid from wallet": _l("Charging paid from wallet"),
     "Reservation released": _l("Reservation released"),
+    "Meter top-up from wallet": _l("Electricity meter topped up"),
+    "Bill paid from wallet": _l("Electricity bill paid"),
+    "Bill overpayment to wallet": _l("Electricity bill: overpayment returned"),
+    "Charging refunded": _l("Charging refunded"),
 }
 
 
