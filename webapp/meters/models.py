@@ -71,7 +71,7 @@ class Tenant(Base):
     closed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
-    meters: Mapped[list] = relationship("Meter", back_populates="tenant", order_by="Meter.id")
+    meters: Mapped[list["Meter"]] = relationship("Meter", back_populates="tenant", order_by="Meter.id")  # noqa: F821
 
 
 class MeterTariff(Base):
