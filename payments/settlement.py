@@ -409,3 +409,216 @@ def reverse(s: Session, original: Allocation, *, key: str, gross: int, vat: int,
     s.add_all([AllocationLine(allocation_id=rev.id, party_id=p, role=r, amount_minor=-a) for p, r, a in back if a])
     _book(s, rev, [(p, -a) for p, _, a in back], 0, -(gross - vat), description="Refund reversed from the parties")
     return rev
+
+
+# --------------------------------------------------------------------------- bulk allocation
+
+
+def _compile_rule(rule: Mapping) -> tuple | None:
+    """``rule`` in the shape ``_split_fast`` reads, or None when only ``split`` itself should handle it."""
+    shares = rule.get("shares", [])
+    fixed = []
+    for sh in shares:
+        if "fixed_per_session" in sh:
+            fixed.append((sh["party_id"], "fixed", int(sh["fixed_per_session"]), 0))
+        elif "per_kwh" in sh:
+            price = Decimal(str(sh["per_kwh"]))
+            if not price.is_finite() or price < 0:
+                return None
+            sign, digits, exp = price.as_tuple()
+            fixed.append((sh["party_id"], "per_kwh", int("".join(map(str, digits)) or "0"), -exp))
+    bps = [(sh["party_id"], sh["bps"]) for sh in shares if "bps" in sh]
+    if sum(b for _, b in bps) > BPS or any(b < 0 for _, b in bps):
+        return None
+    fee = rule.get("platform_fee") or None
+    fee = (fee["party_id"], fee.get("bps", 0), fee.get("fixed", 0)) if fee else None
+    return fee, tuple(fixed), tuple(bps), rule["merchant_of_record"]
+
+
+def _split_fast(compiled: tuple, gross: int, vat: int, fee: int, kwh: Decimal, exp: int) -> tuple[int, list[tuple[int, str, int]]]:
+    """``split`` in integer arithmetic (the same parts, faster): for bulk allocation. Tested equal to ``split``."""
+    net = gross - vat - fee
+    if net < 0 or vat < 0 or fee < 0:
+        raise RuleError("", "VAT and fee cannot exceed the payment")
+    fee_rule, fixed_rule, bps, mor = compiled
+    parts: list[tuple[int, str, int]] = []
+    left = net
+    if fee_rule:
+        pid, fbps, ffixed = fee_rule
+        pf = min(left, (2 * net * fbps + BPS) // (2 * BPS) + ffixed)  # round half up of net × bps / 10 000, net ≥ 0
+        if pf:
+            parts.append((pid, "platform_fee", pf))
+            left -= pf
+    fixed = []
+    if fixed_rule:
+        k_sign, k_digits, k_exp = kwh.as_tuple()
+        k = int("".join(map(str, k_digits)) or "0")
+        for pid, role, amount, scale in fixed_rule:
+            if role == "per_kwh":  # price × kWh in minor units, half up: price = amount / 10^scale, kWh = k × 10^k_exp
+                e = exp + k_exp - scale
+                amount = amount * k * 10 ** e if e >= 0 else (2 * amount * k + 10 ** -e) // (2 * 10 ** -e)
+            fixed.append((pid, role, amount))
+        want = sum(a for _, _, a in fixed)
+        if want > left:
+            got = largest_remainder(left, [a for _, _, a in fixed])
+            fixed = [(p, r, g) for (p, r, _), g in zip(fixed, got, strict=True)]
+        for p, r, a in fixed:
+            if a:
+                parts.append((p, r, a))
+                left -= a
+    # Largest remainder over the weights [10 000 − Σ bps, bps...] (they sum to 10 000, so every share is exact in Decimal too).
+    weights = [BPS - sum(b for _, b in bps)] + [b for _, b in bps]
+    floors = [left * w // BPS for w in weights]
+    rest = left - sum(floors)
+    if rest:
+        for i in sorted(range(len(weights)), key=lambda i: (-(left * weights[i] % BPS), i))[:rest]:
+            floors[i] += 1
+    for (pid, _), amt in zip(bps, floors[1:], strict=True):
+        if amt:
+            parts.append((pid, "share", amt))
+    if floors[0]:
+        parts.append((mor, "remainder", floors[0]))
+    return net, parts
+
+
+def allocate_many(s: Session, payments: Sequence[Mapping]) -> list[int]:
+    """``allocate`` for many payments at once (imports, backfills, the benchmark): the same lines and ledger entries, set-based.
+
+    Each payment is a mapping of ``allocate``'s keyword arguments (``key``,
+    ``source``, ``site_id``, ``currency``, ``gross``, ``vat``, ``fee``, ``kwh``,
+    ``merchant_of_record``, ``at``). Returns the allocation id of each, in
+    order; a key booked before (or repeated in ``payments``) is booked once
+    and answers its existing id. Rows are written with COPY on PostgreSQL and
+    executemany elsewhere. Unlike ``allocate`` it does not wait for a
+    concurrent writer of the same key: that case ends in an IntegrityError
+    (the caller's transaction rolls back and a retry finds them booked).
+    """
+    from sqlalchemy import func, insert
+
+    from payments.ledger import GUARDED, JournalEntry, LedgerAccount, Posting
+    from payments.money import exponent
+
+    s.flush()
+    pays = list(payments)
+    keys = [p["key"] for p in pays]
+    ids: dict[str, int] = {}
+    uniq = list(dict.fromkeys(keys))
+    dialect = s.get_bind().dialect.name
+    if dialect == "postgresql":  # one array parameter: a 50,000-item IN list costs PostgreSQL seconds to plan
+        from sqlalchemy import String, any_, bindparam
+        from sqlalchemy.dialects.postgresql import ARRAY
+
+        ids.update(s.execute(select(Allocation.idempotency_key, Allocation.id)
+                             .where(Allocation.idempotency_key == any_(bindparam("keys", uniq, type_=ARRAY(String))))).all())
+    else:
+        for i in range(0, len(uniq), 5000):
+            ids.update(s.execute(select(Allocation.idempotency_key, Allocation.id).where(Allocation.idempotency_key.in_(uniq[i:i + 5000]))).all())
+    todo, seen = [], set(ids)
+    for p in pays:
+        if p["key"] not in seen:
+            seen.add(p["key"])
+            todo.append(p)
+    if not todo:
+        return [ids[k] for k in keys]
+
+    # The rule in force per payment: every version of the sites involved, newest first per site.
+    site_ids = sorted({p["site_id"] for p in todo})
+    versions: dict[int, list[SplitRule]] = {}
+    for i in range(0, len(site_ids), 5000):
+        for row in s.scalars(select(SplitRule).where(SplitRule.site_id.in_(site_ids[i:i + 5000])).order_by(SplitRule.effective_from.desc())):
+            versions.setdefault(row.site_id, []).append(row)
+    rules: dict[tuple[int | None, int], tuple[dict, tuple | None]] = {}
+    currencies: dict[str, tuple[str, int]] = {}
+    alloc_rows, line_rows, books = [], [], []
+    for p in todo:
+        cur, exp = currencies.get(p["currency"]) or currencies.setdefault(p["currency"], (check_currency(p["currency"]), exponent(p["currency"])))
+        at = p["at"]
+        if at.tzinfo is None:
+            raise ValueError("naive datetime given as a payment's time")
+        row = next((r for r in versions.get(p["site_id"], ()) if r.effective_from <= at), None)
+        mor = p["merchant_of_record"]
+        rk = (row.id if row else None, mor if row is None else 0)
+        if rk not in rules:
+            rd = _rule_dict(row, mor)
+            rules[rk] = (rd, _compile_rule(rd))
+        rd, compiled = rules[rk]
+        gross, vat, fee = p["gross"], p["vat"], p.get("fee", 0)
+        kwh = p.get("kwh", Decimal(0))
+        if compiled is not None and isinstance(kwh, Decimal) and kwh.is_finite() and kwh >= 0:
+            net, parts = _split_fast(compiled, gross, vat, fee, kwh, exp)
+        else:
+            sp = split(rd, gross=gross, vat=vat, fee=fee, kwh=kwh, currency=cur)
+            net, parts = sp.net, list(sp.parts)
+        alloc_rows.append({"idempotency_key": p["key"], "source": p["source"], "site_id": p["site_id"], "rule_id": row.id if row else None,
+                           "reverses_id": None, "currency": cur, "gross_minor": gross, "vat_minor": vat, "fee_minor": fee,
+                           "net_minor": net, "kwh": kwh, "booked_at": at})
+        books.append((cur, parts, fee, gross - vat))
+
+    # Ids first (a sequence on PostgreSQL; after the largest id elsewhere, where the writer holds the database lock).
+    def next_ids(table, n: int) -> list[int]:
+        if dialect == "postgresql":
+            return list(s.execute(select(func.nextval(func.pg_get_serial_sequence(table.name, "id"))).select_from(func.generate_series(1, n))).scalars())
+        start = (s.scalar(select(func.max(table.c.id))) or 0) + 1
+        return list(range(start, start + n))
+
+    for r, i in zip(alloc_rows, next_ids(Allocation.__table__, len(alloc_rows)), strict=True):
+        r["id"] = i
+        ids[r["idempotency_key"]] = i
+
+    # Ledger accounts, each fetched or created once.
+    accounts: dict[tuple, LedgerAccount] = {}
+    want_parties = {(cur, pid) for cur, parts, _, _ in books for pid, _, _ in parts}
+    for cur in {c for c, _ in want_parties}:
+        owners = [f"party:{pid}" for c, pid in want_parties if c == cur]
+        for i in range(0, len(owners), 5000):
+            for a in s.scalars(select(LedgerAccount).where(LedgerAccount.kind == AccountKind.PARTY_PAYABLE, LedgerAccount.currency == cur,
+                                                          LedgerAccount.owner.in_(owners[i:i + 5000]))):
+                accounts[(AccountKind.PARTY_PAYABLE, cur, a.owner)] = a
+
+    def account(kind, cur, owner=""):
+        a = accounts.get((kind, cur, owner))
+        if a is None:
+            a = accounts[(kind, cur, owner)] = get_account(s, kind, cur, owner)
+            assert not a.guarded and kind not in GUARDED  # only unguarded accounts: no cached balance to keep
+        return a
+
+    now = utcnow()
+    entry_rows, posting_rows = [], []
+    entry_ids = iter(())
+    entries_needed = sum(1 for _, parts, fee, revenue in books if revenue or fee or any(a for _, _, a in parts))
+    if entries_needed:
+        entry_ids = iter(next_ids(JournalEntry.__table__, entries_needed))
+    for r, (cur, parts, fee, revenue) in zip(alloc_rows, books, strict=True):
+        line_rows.extend({"allocation_id": r["id"], "party_id": p_, "role": role, "amount_minor": a} for p_, role, a in parts)
+        postings = [(account(AccountKind.REVENUE, cur), revenue)]
+        if fee:
+            postings.append((account(AccountKind.PROVIDER_FEES, cur), -fee))
+        by_party: dict[int, int] = {}
+        for p_, _, a in parts:
+            by_party[p_] = by_party.get(p_, 0) + a
+        postings += [(account(AccountKind.PARTY_PAYABLE, cur, f"party:{p_}"), -a) for p_, a in sorted(by_party.items()) if a]
+        postings = [(acct, a) for acct, a in postings if a]
+        if not postings:
+            continue
+        eid = next(entry_ids)
+        entry_rows.append({"id": eid, "idempotency_key": f"allocation:{r['idempotency_key']}", "description": "Revenue allocated",
+                           "reference": r["source"], "created_at": now})
+        posting_rows.extend({"entry_id": eid, "account_id": acct.id, "amount_minor": a, "currency": acct.currency} for acct, a in postings)
+
+    tables = [(Allocation.__table__, alloc_rows), (AllocationLine.__table__, line_rows), (JournalEntry.__table__, entry_rows),
+              (Posting.__table__, posting_rows)]
+    if dialect == "postgresql":
+        raw = s.connection().connection.driver_connection
+        with raw.cursor() as cur_:
+            for table, rows in tables:
+                if not rows:
+                    continue
+                cols = list(rows[0])
+                with cur_.copy(f'COPY {table.name} ({", ".join(cols)}) FROM STDIN') as cp:
+                    for row in rows:
+                        cp.write_row(tuple(row.values()))
+    else:
+        for table, rows in tables:
+            if rows:
+                s.execute(insert(table), rows)
+    return [ids[k] for k in keys]

@@ -82,6 +82,34 @@ class Refund:
     status: str  # succeeded, pending, failed
 
 
+#: Provider balance transaction types → ours (anything else is an ``adjustment``: disputes, transfers, fees, ...).
+BALANCE_TXN_TYPES = {"charge": "charge", "payment": "charge", "refund": "refund", "payment_refund": "refund", "payout": "payout"}
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceTxn:
+    """One movement of our balance at the provider (a Stripe balance transaction), amounts in minor units.
+
+    ``type`` is ours: ``charge``, ``refund``, ``payout`` or ``adjustment`` (every
+    other provider type, named in ``raw_type``). ``source`` is the provider id of
+    what moved the money: ``pi_`` of a charge when known, else ``ch_``; ``re_``
+    of a refund; ``po_`` of a payout. ``payment_id`` is the ``pi_`` the charge or
+    refund belongs to, when the provider says. ``amount`` is signed (a refund is
+    negative), ``fee`` is what the provider kept, ``net = amount − fee``.
+    """
+
+    id: str  # txn_...
+    type: str
+    source: str
+    amount: int
+    fee: int
+    net: int
+    currency: str  # ISO 4217, upper case
+    created: int  # Unix time (UTC)
+    payment_id: str | None = None
+    raw_type: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class WebhookEvent:
     """A verified provider event: what happened to which payment."""
@@ -91,6 +119,16 @@ class WebhookEvent:
     created: int
     payment: Payment | None = None
     refund: Refund | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TransferResult:
+    """Money moved from our provider balance to a party's connected account (Stripe Connect ``tr_...``)."""
+
+    id: str  # tr_...
+    destination: str  # acct_...
+    amount: Money
+    reversed: bool = False
 
 
 class ProviderError(Exception):
@@ -193,3 +231,14 @@ class PaymentProvider(Protocol):
 
     def parse_webhook(self, *, payload: bytes, signature: str | None) -> WebhookEvent:
         """Verify the signature of a webhook delivery and return the event; raise SignatureError if it fails."""
+
+    def transfer(self, *, destination: str, amount: Money, idempotency_key: str, description: str | None = None) -> TransferResult:
+        """Pay ``amount`` (> 0) from our balance to the connected account ``destination`` (``acct_...``), once per key.
+        Raises InvalidRequest when refused (unknown account, bad amount): the payout will not happen; ProviderUnavailable
+        when it may be retried with the same key."""
+
+    def balance_transactions(self, *, created_from: int, created_to: int) -> list[BalanceTxn]:
+        """Every balance transaction created in ``[created_from, created_to)`` (Unix seconds), all pages, oldest first."""
+
+    def charge_payment_id(self, *, charge_id: str) -> str | None:
+        """The payment (``pi_``) a charge (``ch_``) belongs to; None when it belongs to none. For imported exports."""

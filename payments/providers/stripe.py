@@ -23,6 +23,10 @@ How we talk to Stripe:
   capture or a cancellation creates no Refund, so ``charge.amount_captured``
   and ``charge.amount_refunded`` are what they say. Configure the webhook
   endpoint with the same API version so event payloads have the same shape.
+* Payouts to parties with a connected account are Transfers
+  (``transfer``) with the payout's idempotency key; localstripe has no
+  Connect, so our localstripe runner (webapp/devtools/localstripe_server.py)
+  adds a minimal ``/v1/transfers`` for the demo and the tests.
 * ``parse_webhook`` reads only the verified payload (no API call); a Payment
   in an event is a snapshot at the time of the event, ``retrieve`` is the
   truth. Events we do not map come back with ``payment=None`` for the caller
@@ -65,7 +69,9 @@ import stripe
 
 from payments.money import Money
 from payments.providers.base import (
+    BALANCE_TXN_TYPES,
     AuthenticationRequired,
+    BalanceTxn,
     Card,
     CardDeclined,
     CardSetup,
@@ -76,6 +82,7 @@ from payments.providers.base import (
     ProviderUnavailable,
     Refund,
     SignatureError,
+    TransferResult,
     WebhookEvent,
 )
 
@@ -107,6 +114,7 @@ _LEGACY_STATUS = {  # API versions before 2019-02-11, as localstripe's webhook e
     "requires_source": PaymentStatus.REQUIRES_PAYMENT_METHOD,
     "requires_source_action": PaymentStatus.REQUIRES_ACTION,
 }
+_CONNECTED_ACCOUNT = re.compile(r"acct_[A-Za-z0-9]+")
 _SECRET_LOOKING = re.compile(r"\b(sk|rk)_(live|test)_[A-Za-z0-9]+")
 
 
@@ -312,6 +320,58 @@ class StripeProvider:
         with self._errors("retrieve payment"):
             pi = self._client.v1.payment_intents.retrieve(payment_id, params={"expand": _EXPAND_PAYMENT})
         return self._payment(pi)
+
+    # -- Connect payouts ---------------------------------------------------------------------------
+
+    def transfer(self, *, destination: str, amount: Money, idempotency_key: str, description: str | None = None) -> TransferResult:
+        """A Stripe Transfer of ``amount`` from our balance to the connected account ``destination``, once per key."""
+        if not _CONNECTED_ACCOUNT.fullmatch(destination or ""):
+            raise InvalidRequest(f"not a Stripe connected account id: {destination!r}")
+        if amount.amount <= 0:
+            raise InvalidRequest(f"a transfer must be positive, not {amount}")
+        params: dict[str, Any] = {"amount": amount.amount, "currency": amount.currency.lower(), "destination": destination}
+        if description:
+            params["description"] = description
+        with self._errors("transfer"):
+            tr = _plain(self._client.v1.transfers.create(params=params, options={"idempotency_key": idempotency_key}))
+        return TransferResult(id=tr["id"], destination=_id_and_object(tr.get("destination"))[0] or destination,
+                              amount=Money(tr["amount"], tr["currency"].upper()), reversed=bool(tr.get("reversed")))
+
+    # -- balance (reconciliation) ------------------------------------------------------------------
+
+    def balance_transactions(self, *, created_from: int, created_to: int) -> list[BalanceTxn]:
+        """Balance transactions created in ``[created_from, created_to)``, every page, oldest first.
+
+        ``data.source`` is expanded so a charge names its PaymentIntent and a
+        refund its PaymentIntent without one call per transaction.
+        """
+        params: dict[str, Any] = {"created": {"gte": int(created_from), "lt": int(created_to)}, "limit": 100, "expand": ["data.source"]}
+        with self._errors("list balance transactions"):
+            page = self._client.v1.balance_transactions.list(params=params)
+            txns = [self._balance_txn(_plain(t)) for t in page.auto_paging_iter()]
+        return sorted(txns, key=lambda t: (t.created, t.id))
+
+    def charge_payment_id(self, *, charge_id: str) -> str | None:
+        """The PaymentIntent of a charge (the CSV export names charges, our records name PaymentIntents)."""
+        with self._errors("retrieve charge"):
+            charge = _plain(self._client.v1.charges.retrieve(charge_id))
+        return _id_and_object(charge.get("payment_intent"))[0]
+
+    @staticmethod
+    def _balance_txn(t: dict) -> BalanceTxn:
+        raw = t.get("type") or ""
+        kind = BALANCE_TXN_TYPES.get(raw, "adjustment")
+        source_id, source = _id_and_object(t.get("source"))
+        payment_id = _id_and_object((source or {}).get("payment_intent"))[0]
+        if kind == "charge" and payment_id:
+            source_id = payment_id  # our records know the PaymentIntent, not the charge
+        amount, fee = int(t.get("amount") or 0), int(t.get("fee") or 0)
+        net = t.get("net")
+        return BalanceTxn(
+            id=t["id"], type=kind, source=source_id or "", amount=amount, fee=fee,
+            net=int(net) if net is not None else amount - fee, currency=str(t.get("currency") or "").upper(),
+            created=int(t.get("created") or 0), payment_id=payment_id, raw_type=None if raw == kind else raw,
+        )
 
     # -- webhooks ----------------------------------------------------------------------------------
 
