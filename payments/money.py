@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import re
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
@@ -47,7 +49,12 @@ def check_currency(code: str) -> str:
     """Return the upper-case ISO 4217 code, or raise MoneyError for an unknown one."""
     if not isinstance(code, str) or len(code) != 3 or not code.isalpha():
         raise MoneyError(f"not an ISO 4217 currency code: {code!r}", "unknown_currency", currency=str(code))
-    code = code.upper()
+    return _known(code.upper())
+
+
+@functools.lru_cache(maxsize=512)
+def _known(code: str) -> str:
+    # CLDR lookups cost tens of microseconds; the answer for a code never changes in a process.
     if get_currency_name(code, locale="en") == code:
         raise MoneyError(f"unknown currency: {code}", "unknown_currency", currency=code)
     return code
@@ -55,8 +62,13 @@ def check_currency(code: str) -> str:
 
 def exponent(currency: str) -> int:
     """Number of minor-unit digits of ``currency`` (EUR 2, JPY 0, KWD 3)."""
+    return _exponent(check_currency(currency))
+
+
+@functools.lru_cache(maxsize=512)
+def _exponent(code: str) -> int:
     # CLDR's "digits" (not its cash rounding) equal the ISO 4217 exponent providers use.
-    return get_currency_precision(check_currency(currency))
+    return get_currency_precision(code)
 
 
 @dataclass(frozen=True, order=False, slots=True)

@@ -84,11 +84,13 @@ class Mailbox:
         return [m for m in self.messages if m["To"] == address]
 
     def last_link(self, to: str, path_part: str) -> str:
-        """The last URL containing ``path_part`` in the newest message to ``to``."""
-        body = self.wait_for(to)[-1].get_body(("plain",)).get_content()
-        links = [u for u in re.findall(r"https?://\S+", body) if path_part in u]
-        assert links, f"no link with {path_part!r} in: {body}"
-        return links[-1]
+        """The last URL containing ``path_part`` in the newest message to ``to`` that has one (a receipt may follow)."""
+        bodies = [m.get_body(("plain",)).get_content() for m in reversed(self.wait_for(to))]
+        for body in bodies:
+            links = [u for u in re.findall(r"https?://\S+", body) if path_part in u]
+            if links:
+                return links[-1]
+        raise AssertionError(f"no link with {path_part!r} in: {bodies}")
 
 
 class _Handler:

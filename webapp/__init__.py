@@ -58,7 +58,12 @@ def create_app(config: dict | None = None) -> Flask:
     from webapp.api import bp as api_bp
     from webapp.auth import bp as auth_bp
     from webapp.charging import bp as charging_bp
+    from webapp.history import bp as history_bp
     from webapp.main import bp as main_bp
+    from webapp.meters.bill_views import bp as bills_bp
+    from webapp.meters.views import bp as meters_bp
+    from webapp.notifications import bp as notifications_bp
+    from webapp.receipts.views import bp as receipts_bp
     from webapp.scan import bp as scan_bp
     from webapp.wallet import bp as wallet_bp
     from webapp.webhooks import bp as webhooks_bp
@@ -66,11 +71,16 @@ def create_app(config: dict | None = None) -> Flask:
     app.register_blueprint(main_bp)
     app.register_blueprint(auth_bp)
     app.register_blueprint(account_bp)
+    app.register_blueprint(notifications_bp)
     app.register_blueprint(wallet_bp)
     app.register_blueprint(charging_bp)
+    app.register_blueprint(history_bp)
     app.register_blueprint(api_bp)
     app.register_blueprint(webhooks_bp)
     app.register_blueprint(scan_bp)
+    app.register_blueprint(receipts_bp)
+    app.register_blueprint(meters_bp)
+    app.register_blueprint(bills_bp)
     csrf.exempt(api_bp)  # bearer tokens only, never cookies: nothing for a forged form to ride on
     csrf.exempt(webhooks_bp)  # signed by Stripe, no cookies: the signature is the check
 
@@ -80,4 +90,18 @@ def create_app(config: dict | None = None) -> Flask:
     from webapp.cli import register as register_cli
 
     register_cli(app)
+    from webapp.meters import jobs as _meter_jobs  # noqa: F401  (relay rules, delivery jobs, meter email builders)
+    from webapp.meters.cli_relay import register as register_relay_cli
+
+    register_relay_cli(app)
+    from webapp.meters import oauth as meters_oauth
+    from webapp.meters.cli import register as register_meters_cli
+    from webapp.meters.operator_views import bp as meters_operator_bp
+
+    meters_oauth.init_app(app)  # /oauth/token for meter data collectors
+    app.register_blueprint(meters_operator_bp)
+    from webapp.settlement.views import bp as settlement_bp
+
+    app.register_blueprint(settlement_bp)  # /operator/settlement: parties, rules, statements, payouts, reconciliation
+    register_meters_cli(app)
     return app

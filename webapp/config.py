@@ -71,6 +71,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("GATEWAY_SECRET", "VOLTPAY_GATEWAY_SECRET", None, "shared secret of web processes and gateways for charger commands; required in production"),
     Setting("GATEWAY_TIMEOUT", "VOLTPAY_GATEWAY_TIMEOUT", 12.0, "seconds the gateway waits for a charger to answer a command", float),
     Setting("HEARTBEAT_INTERVAL", "VOLTPAY_HEARTBEAT_INTERVAL", 300, "heartbeat interval in seconds given to chargers at boot", int),
+    Setting("PLATFORM_NAME", "VOLTPAY_PLATFORM_NAME", "Voltpay", "the platform's trading name: the seller on wallet top-up receipts"),
+    Setting("PLATFORM_LEGAL_NAME", "VOLTPAY_PLATFORM_LEGAL_NAME", "Voltpay", "the platform's legal name on its receipts"),
+    Setting("PLATFORM_ADDRESS", "VOLTPAY_PLATFORM_ADDRESS", "", "the platform's registered address on its receipts"),
+    Setting("PLATFORM_VAT_ID", "VOLTPAY_PLATFORM_VAT_ID", "", "the platform's VAT id on its receipts"),
+    Setting("PLATFORM_DOCUMENT_PREFIX", "VOLTPAY_PLATFORM_DOCUMENT_PREFIX", "VPW", "prefix of the platform's receipt numbers (VPW-2026-000001); operators set their own"),
+    Setting("METER_EMERGENCY_CREDIT_MAX_MINOR", "VOLTPAY_METER_EMERGENCY_CREDIT_MAX_MINOR", 2000, "the most emergency credit an operator may give a prepaid meter, in minor units of its currency", int),
+    Setting("PAYOUT_HOUR", "VOLTPAY_PAYOUT_HOUR", 6, "hour (UTC, 0-23) at which the worker builds and sends yesterday's T+1 payout batches", int),
+    Setting("PAYOUT_DIR", "VOLTPAY_PAYOUT_DIR", None, "folder the payout job writes each batch's pain.001 and CSV files to; unset: download them from the operator views"),
+    Setting("PAYOUT_DEBTOR_NAME", "VOLTPAY_PAYOUT_DEBTOR_NAME", "Voltpay", "account holder name of the bank account SEPA payouts are paid from"),
+    Setting("PAYOUT_DEBTOR_IBAN", "VOLTPAY_PAYOUT_DEBTOR_IBAN", None, "IBAN SEPA payouts are paid from; without it no pain.001 file is made (CSV only)"),
+    Setting("PAYOUT_DEBTOR_BIC", "VOLTPAY_PAYOUT_DEBTOR_BIC", None, "BIC of that account (optional)"),
 )
 
 

@@ -350,3 +350,5 @@ from webapp.meters.models import (  # noqa: E402,F401
     MeterTariffVersion, RelayCommand, Tenant,
 )
 from payments.settlement import Allocation, AllocationLine, Party, SplitRule  # noqa: E402,F401
+from payments.payouts import Payout, PayoutBatch  # noqa: E402,F401
+from payments.reconcile import ReconciliationItem, ReconciliationRun  # noqa: E402,F401

@@ -113,6 +113,11 @@ def run_worker(workers: int = 2, periodic: bool = True) -> None:
     import webapp.mail  # noqa: F401
     import webapp.charging.jobs  # noqa: F401
     import webapp.wallet.jobs  # noqa: F401
+    import webapp.notifications  # noqa: F401
+    import webapp.meters.jobs  # noqa: F401
+    import webapp.meters.bills  # noqa: F401  (monthly bills, overdue reminders)
+    import webapp.settlement.jobs  # noqa: F401  (daily T+1 payout batches)
+    import webapp.settlement.reconcile_jobs  # noqa: F401  (daily reconciliation with the provider)
 
     log.info("worker starting", extra={"workers": workers, "storage": type(huey.storage).__name__})
     consumer = huey.create_consumer(workers=workers, worker_type="thread", periodic=periodic, check_worker_health=True)

@@ -169,6 +169,20 @@ class SeededAccount:
         """``body`` with the placeholders replaced, in nested objects too (a session's ``payment``)."""
         return {k: self.ids.get(v, v) if isinstance(v, str) else self._filled(v) if isinstance(v, dict) else v for k, v in body.items()}
 
+    def collector_token(self) -> str:
+        """A meter data collector of the demo operator and an access token of its own (the `collector` scheme)."""
+        from webapp.meters.models import CollectorToken
+        from webapp.meters.oauth import create_collector
+        from webapp.models import Operator
+
+        if getattr(self, "collector_secret", None) is None:
+            with self.app.extensions["db_sessionmaker"].begin() as s:
+                collector, _secret = create_collector(s, s.scalar(select(Operator.id).order_by(Operator.id).limit(1)), "fuzz")
+                self.collector_secret = "fuzz_" + new_secret()
+                s.add(CollectorToken(collector_id=collector.id, token_hash=digest(self.collector_secret),
+                                     expires_at=utcnow() + dt.timedelta(hours=1)))
+        return self.collector_secret
+
     def token(self) -> str:
         with self.app.extensions["db_sessionmaker"].begin() as s:
             row = s.scalar(select(ApiToken).where(ApiToken.token_hash == digest(self.secret))) if self.secret else None
@@ -292,7 +306,8 @@ def conformance_test(operation_id: str):
         assert case.operation.schema.get_operation_id(case.operation) == operation_id
         seeded = bool(case.headers) and case.headers.get("Authorization") == SEEDED
         if seeded:
-            case.headers["Authorization"] = f"Bearer {fuzzed.token()}"
+            collector = operation_id == "postMeterReadings"  # the one operation of the `collector` (OAuth2) scheme
+            case.headers["Authorization"] = f"Bearer {fuzzed.collector_token() if collector else fuzzed.token()}"
         fuzzed.fill(case)
         response = case.call_and_validate(checks=CHECKS)
         # Valid requests with the seeded token (not the probes of undocumented methods) must get past auth.
@@ -343,13 +358,16 @@ def test_every_operation_is_named_and_protected_ones_say_so(app):
     public = {("post", "/auth/token"), ("get", "/openapi.json"), ("get", "/connectors/{connector_code}")}
     # A guest may start a session and then see, stop or confirm it with its X-Session-Token: the token is optional there.
     account_or_guest = {("post", "/sessions"), ("get", "/sessions/{session_id}"), ("post", "/sessions/{session_id}/stop"),
-                        ("post", "/sessions/{session_id}/confirm")}
+                        ("post", "/sessions/{session_id}/confirm"),
+                        ("get", "/meters/{meter_code}")}  # a meter's public status; the tenant's token adds the balance
     ids = []
     for path, item in doc["paths"].items():
         for method, op in item.items():
             ids.append(op["operationId"])
             if (method, path) in public:
                 assert "security" not in op, (method, path)
+            elif (method, path) == ("post", "/meters/readings"):  # meter data collectors: OAuth2 client credentials
+                assert op["security"] == [{"collector": ["meters:write"]}] and "401" in op["responses"]
             elif (method, path) in account_or_guest:
                 assert op["security"] == [{"bearer": []}, {}], (method, path)
                 assert "401" in op["responses"], (method, path)  # a token that is sent must be valid

@@ -256,3 +256,11 @@ from webapp.api import wallet as _wallet_routes  # noqa: E402,F401
 from webapp.api import connectors as _connector_routes  # noqa: E402,F401
 # Charging sessions: start (account or guest), follow, stop, 3-D Secure, list.
 from webapp.api import sessions as _session_routes  # noqa: E402,F401
+# Receipts, invoices and credit notes of the account.
+from webapp.api import receipts as _receipt_routes  # noqa: E402,F401
+# Post-paid electricity bills of the account's tenancies.
+from webapp.api import bills as _bill_routes  # noqa: E402,F401
+# Meter readings posted by meter data collectors (OAuth2 client credentials).
+from webapp.meters import api as _meter_reading_routes  # noqa: E402,F401
+# Meters: status (public, or the tenant's view) and top-ups.
+from webapp.api import meters as _meter_routes  # noqa: E402,F401

@@ -64,6 +64,9 @@ SCHEMAS = {
                          "description": "`wrong_currency`: the wallet's currency; `cap_currency`, `wallet_currency`: the charger's currency"},
             "session_id": {"type": "integer", "minimum": 1,
                            "description": "The charging session this answer is about (it exists; see GET /sessions/{session_id})"},
+            "refusal": {"enum": ["postpaid", "no_tenant", "not_a_tenant_meter"],
+                        "description": "`meter_not_payable`: why the meter takes no top-up"},
+            "balance": {"$ref": "#/components/schemas/Money", "description": "`wallet_insufficient`: what the wallet holds"},
             "session_token": {"type": "string", "pattern": "^[A-Za-z0-9_-]{16,64}$",
                               "description": "A guest's session token, in the answer that created the session (send it as X-Session-Token)"},
         },
@@ -909,6 +912,508 @@ def session_paths(secured: list) -> dict:
     }
 
 
+# --- receipts, invoices and credit notes (webapp/api/receipts.py) --------------------------------
+
+DOCUMENT_NUMBER = "^[A-Z0-9]{1,24}(-[A-Z0-9]{1,24}){1,4}$"
+_TEXT = {"type": "string"}
+_NULLABLE_TEXT = {"type": ["string", "null"]}
+
+RECEIPT_SCHEMAS = {
+    "ReceiptSummary": {
+        "type": "object",
+        "description": "A receipt, invoice or credit note. Amounts are positive, also on a credit note (it gives money back).",
+        "required": ["number", "kind", "issued_at", "source", "total", "links"],
+        "properties": {
+            "number": {"type": "string", "pattern": DOCUMENT_NUMBER, "description": "e.g. VP-2026-000123; credit notes VP-CN-2026-000004"},
+            "kind": {"enum": ["invoice", "receipt", "credit_note"]},
+            "issued_at": {"type": "string", "format": "date-time"},
+            "source": {"type": "string", "description": "What was paid: `session:<id>`, `card_payment:<id>` (a wallet top-up), ..."},
+            "total": {"$ref": "#/components/schemas/Money"},
+            "links": {
+                "type": "object",
+                "required": ["html", "pdf", "check"],
+                "properties": {
+                    "html": {"type": "string", "description": "The document's page (signed in as its owner)"},
+                    "pdf": {"type": "string", "description": "GET /receipts/{number}.pdf"},
+                    "check": {"type": "string", "description": "The public check page its QR code links to"},
+                },
+            },
+        },
+    },
+    "ReceiptList": {
+        "type": "object",
+        "required": ["data", "next_before"],
+        "properties": {
+            "data": {"type": "array", "items": {"$ref": "#/components/schemas/ReceiptSummary"}},
+            "next_before": {"type": ["integer", "null"], "minimum": 1, "description": "Pass as `before` for the next page; null on the last"},
+        },
+    },
+    "Receipt": {
+        "allOf": [
+            {"$ref": "#/components/schemas/ReceiptSummary"},
+            {
+                "type": "object",
+                "required": ["locale", "status", "replaced_by", "seller", "buyer", "lines", "vat", "totals", "payment", "session",
+                             "original", "replaces"],
+                "properties": {
+                    "locale": {"enum": ["en", "es", "zh"], "description": "The document's language (its PDF's)"},
+                    "status": {"enum": ["valid", "partly_credited", "credited", "replaced"]},
+                    "replaced_by": {**_NULLABLE_TEXT, "description": "`replaced`: the number of the invoice issued in its place"},
+                    "seller": {"type": "object", "properties": {k: _TEXT for k in ("name", "legal_name", "address", "vat_id")}},
+                    "buyer": {"type": "object", "properties": {k: _TEXT for k in ("email", "company_name", "address", "vat_id")}},
+                    "lines": {"type": "array", "items": {
+                        "type": "object",
+                        "required": ["kind", "description", "quantity", "unit", "unit_price", "vat_rate", "amount"],
+                        "properties": {
+                            "kind": {"type": "string", "description": "energy, time, parking, flat, adjustment, wallet_credit, credit, credit_balance"},
+                            "description": {"type": "string", "description": "In the request's language (Accept-Language)"},
+                            "quantity": {**_NULLABLE_TEXT, "description": "Decimal string"},
+                            "unit": {**_NULLABLE_TEXT, "description": "kWh, h or session"},
+                            "unit_price": {**_NULLABLE_TEXT, "description": "Excl. VAT, decimal string in the currency"},
+                            "vat_rate": {**_NULLABLE_TEXT, "description": "Percent, decimal string; null: outside the scope of VAT"},
+                            "note": _NULLABLE_TEXT,
+                            "amount": {"$ref": "#/components/schemas/Money", "description": "Excl. VAT"},
+                        },
+                    }},
+                    "vat": {"type": "array", "items": {
+                        "type": "object",
+                        "required": ["rate", "net", "vat", "gross"],
+                        "properties": {"rate": _NULLABLE_TEXT, "net": {"$ref": "#/components/schemas/Money"},
+                                       "vat": {"$ref": "#/components/schemas/Money"}, "gross": {"$ref": "#/components/schemas/Money"}},
+                    }},
+                    "totals": {"type": "object", "required": ["net", "vat", "total"],
+                               "properties": {k: {"$ref": "#/components/schemas/Money"} for k in ("net", "vat", "total")}},
+                    "payment": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {
+                        "method": {"enum": ["card", "wallet"]}, "brand": _NULLABLE_TEXT, "last4": _NULLABLE_TEXT,
+                        **{k: _nullable("Money") for k in ("held", "captured", "released", "refunded")},
+                    }}]},
+                    "session": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {
+                        "id": {"type": "integer"}, "site": _TEXT, "connector_code": _TEXT, "started_at": _NULLABLE_TEXT,
+                        "ended_at": _NULLABLE_TEXT, "time_zone": _TEXT, "energy_kwh": _NULLABLE_TEXT, "meter_start_wh": _NULLABLE_TEXT,
+                        "meter_stop_wh": _NULLABLE_TEXT,
+                    }}]},
+                    "original": {"anyOf": [{"type": "null"}, {"type": "object", "required": ["number"], "properties": {"number": _TEXT}}],
+                                 "description": "A credit note's invoice or receipt"},
+                    "replaces": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {"number": _TEXT, "credit_note": _TEXT}}],
+                                 "description": "Reissued with the buyer's business details: the document it replaces and the credit note that cancelled it"},
+                    "reason": _NULLABLE_TEXT,
+                },
+            },
+        ],
+    },
+}
+
+
+def receipt_paths(secured: list) -> dict:
+    """The account's receipts, invoices and credit notes (webapp/api/receipts.py)."""
+    number = {"name": "number", "in": "path", "required": True, "schema": {"type": "string", "pattern": DOCUMENT_NUMBER}}
+    no_store = {"Cache-Control": {"required": True, "schema": {"const": "no-store"}}}
+    not_found = _problem("No such document, or another account's (`not_found`)")
+    return {
+        "/receipts": {
+            "get": {
+                "operationId": "listReceipts",
+                "summary": "The account's receipts, invoices and credit notes, newest first",
+                "security": secured,
+                "parameters": [
+                    {"name": "month", "in": "query", "required": False, "description": "Only those issued in this month (UTC), YYYY-MM",
+                     "schema": {"type": "string", "pattern": "^(19|20|21)[0-9]{2}-(0[1-9]|1[0-2])$"}},
+                    {"name": "before", "in": "query", "required": False, "description": "`next_before` of the previous page",
+                     "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID}},
+                    {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
+                ],
+                "responses": {
+                    "200": _with_headers(_json("ReceiptList", "One page of documents"), no_store),
+                    "422": _problem("`month`, `before` or `limit` not valid (`invalid_request`, see `errors`)"),
+                    **COMMON_ERRORS,
+                },
+            }
+        },
+        "/receipts/{number}": {
+            "get": {
+                "operationId": "getReceipt",
+                "summary": "One document: seller, buyer, lines, VAT per rate, totals, payment, session facts, status and links",
+                "security": secured,
+                "parameters": [number],
+                "responses": {"200": _with_headers(_json("Receipt", "The document"), no_store), "404": not_found, **COMMON_ERRORS},
+            }
+        },
+        "/receipts/{number}.pdf": {
+            "get": {
+                "operationId": "getReceiptPdf",
+                "summary": "One document as a PDF (A4), in the document's language",
+                "security": secured,
+                "parameters": [number],
+                "responses": {
+                    "200": {"description": "The PDF", "content": {"application/pdf": {"schema": {"type": "string", "format": "binary"}}},
+                            "headers": no_store},
+                    "404": not_found,
+                    **COMMON_ERRORS,
+                },
+            }
+        },
+    }
+
+
+# --- post-paid electricity bills (webapp/api/bills.py) -------------------------------------------
+
+_DECIMAL_TEXT = {"type": "string", "description": "Decimal string"}
+BILL_SCHEMAS = {
+    "BillSummary": {
+        "type": "object",
+        "description": "A post-paid electricity bill of one of the account's tenancies (issued or paid).",
+        "required": ["id", "period", "state", "overdue", "total", "vat", "net", "due_date", "issued_at", "paid_at", "tenant", "site",
+                     "invoice_number", "links"],
+        "properties": {
+            "id": {"type": "integer"},
+            "period": {"type": "string", "pattern": "^[0-9]{4}-(0[1-9]|1[0-2])$", "description": "The month, in the building's time zone"},
+            "state": {"enum": ["issued", "paid"]},
+            "overdue": {"type": "boolean", "description": "Issued and past its due date"},
+            "total": {"$ref": "#/components/schemas/Money"},
+            "vat": {"$ref": "#/components/schemas/Money"},
+            "net": {"$ref": "#/components/schemas/Money"},
+            "due_date": {"type": ["string", "null"], "format": "date"},
+            "issued_at": {"type": ["string", "null"], "format": "date-time"},
+            "paid_at": {"type": ["string", "null"], "format": "date-time"},
+            "tenant": {"type": "object", "required": ["id", "name", "unit"],
+                       "properties": {"id": {"type": "integer"}, "name": _TEXT, "unit": _TEXT}},
+            "site": _TEXT,
+            "invoice_number": {**_NULLABLE_TEXT, "description": "The bill's invoice (GET /receipts/{number})"},
+            "links": {"type": "object", "required": ["pay", "invoice"],
+                      "properties": {"pay": {"type": "string", "description": "The bill's page, where it is paid (signed in)"},
+                                     "invoice": _NULLABLE_TEXT}},
+        },
+    },
+    "BillList": {
+        "type": "object",
+        "required": ["data", "next_before"],
+        "properties": {
+            "data": {"type": "array", "items": {"$ref": "#/components/schemas/BillSummary"}},
+            "next_before": {"type": ["integer", "null"], "minimum": 1, "description": "Pass as `before` for the next page; null on the last"},
+        },
+    },
+    "Bill": {
+        "allOf": [
+            {"$ref": "#/components/schemas/BillSummary"},
+            {
+                "type": "object",
+                "required": ["final", "lines", "meters", "shares"],
+                "properties": {
+                    "final": {"type": "boolean", "description": "The last bill of a closed account (the month up to its final reading)"},
+                    "lines": {"type": "array", "items": {
+                        "type": "object",
+                        "required": ["kind", "quantity", "unit", "unit_price", "vat_rate", "note", "meter", "amount"],
+                        "properties": {
+                            "kind": {"enum": ["energy", "demand", "public_area", "line_loss", "fee"]},
+                            "quantity": _NULLABLE_TEXT, "unit": _NULLABLE_TEXT,
+                            "unit_price": {**_NULLABLE_TEXT, "description": "Excl. VAT, decimal string in the currency"},
+                            "vat_rate": _NULLABLE_TEXT,
+                            "note": {**_NULLABLE_TEXT, "description": "energy: the band or tier; shares: the method; fee: its name"},
+                            "meter": _NULLABLE_TEXT,
+                            "amount": {"$ref": "#/components/schemas/Money", "description": "Excl. VAT"},
+                        },
+                    }},
+                    "meters": {"type": "array", "items": {"type": "object", "required": ["meter_code", "kwh", "max_kw"], "properties": {
+                        "meter_code": _TEXT, "kwh": _DECIMAL_TEXT, "max_kw": _NULLABLE_TEXT}}},
+                    "shares": {"type": "array", "description": "How each shared cost was computed (largest remainder: the shares add up exactly)",
+                               "items": {"type": "object",
+                                         "required": ["kind", "method", "basis", "tenant_basis", "tenants", "share_kwh", "amount", "vat_rate",
+                                                      "shared_kwh", "shared_amount"],
+                                         "properties": {
+                                             "kind": {"enum": ["public_area", "line_loss"]},
+                                             "method": {"enum": ["consumption", "area", "equal", "custom"]},
+                                             "basis": {**_DECIMAL_TEXT, "description": "Σ of the tenants' bases (kWh, m², count or ratio)"},
+                                             "tenant_basis": {**_DECIMAL_TEXT, "description": "This tenant's basis"},
+                                             "tenants": {"type": "integer"}, "share_kwh": _DECIMAL_TEXT,
+                                             "amount": {"$ref": "#/components/schemas/Money"}, "vat_rate": _TEXT,
+                                             "shared_kwh": _DECIMAL_TEXT, "shared_amount": {"$ref": "#/components/schemas/Money"},
+                                             "loss_kwh": _NULLABLE_TEXT, "master_kwh": _NULLABLE_TEXT, "sub_meters_kwh": _NULLABLE_TEXT,
+                                         }}},
+                },
+            },
+        ],
+    },
+}
+
+
+def bill_paths(secured: list) -> dict:
+    """The account's post-paid bills (webapp/api/bills.py)."""
+    no_store = {"Cache-Control": {"required": True, "schema": {"const": "no-store"}}}
+    return {
+        "/bills": {
+            "get": {
+                "operationId": "listBills",
+                "summary": "The account's electricity bills (issued or paid), newest first",
+                "security": secured,
+                "parameters": [
+                    {"name": "state", "in": "query", "required": False, "schema": {"enum": ["issued", "paid"]}},
+                    {"name": "before", "in": "query", "required": False, "description": "`next_before` of the previous page",
+                     "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID}},
+                    {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
+                ],
+                "responses": {
+                    "200": _with_headers(_json("BillList", "One page of bills"), no_store),
+                    "422": _problem("`state`, `before` or `limit` not valid (`invalid_request`, see `errors`)"),
+                    **COMMON_ERRORS,
+                },
+            }
+        },
+        "/bills/{bill_id}": {
+            "get": {
+                "operationId": "getBill",
+                "summary": "One bill: lines, meters, and how each shared cost (public area, line loss) was computed",
+                "security": secured,
+                "parameters": [{"name": "bill_id", "in": "path", "required": True,
+                                "schema": {"type": "integer", "minimum": 0, "maximum": MAX_ID}}],
+                "responses": {"200": _with_headers(_json("Bill", "The bill"), no_store),
+                              "404": _problem("No such bill, or another account's (`not_found`)"), **COMMON_ERRORS},
+            }
+        },
+    }
+
+
+# --- meters: status and top-ups (webapp/api/meters.py) ------------------------------------------
+
+METER_CODE = "^[A-Za-z0-9_-]{1,16}$"
+_PRICE = {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?$", "description": "An exact decimal number, as a string"}
+
+METER_SCHEMAS = {
+    "MeterPrice": {
+        "type": "object",
+        "required": ["band", "price_per_kwh", "vat_rate", "currency", "from", "until"],
+        "additionalProperties": False,
+        "properties": {
+            "band": {"type": "string", "description": "`peak`, `flat`, `valley` (time of use), `tier1`… (tiered), `flat` (flat tariff)"},
+            "price_per_kwh": {**_PRICE, "description": "Per kWh, VAT included, in major units (4 decimals)"},
+            "vat_rate": {**_PRICE, "description": "Percent"},
+            "currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
+            "from": {"type": ["string", "null"], "format": "date-time", "description": "null: in force now"},
+            "until": {"type": ["string", "null"], "format": "date-time", "description": "null: no change within 8 days"},
+        },
+    },
+    "Meter": {
+        "type": "object",
+        "required": ["meter_code", "building", "unit", "currency", "price", "top_up", "tenant"],
+        "additionalProperties": False,
+        "properties": {
+            "meter_code": {"type": "string"},
+            "building": {"type": "object", "required": ["name", "address", "time_zone"], "additionalProperties": False,
+                         "properties": {"name": {"type": "string"}, "address": {"type": "string"}, "time_zone": {"type": "string"}}},
+            "unit": {"type": ["string", "null"]},
+            "currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
+            "price": {"type": "object", "required": ["now", "next", "kind"], "additionalProperties": False, "properties": {
+                "now": _nullable("MeterPrice"), "next": _nullable("MeterPrice"),
+                "kind": {"enum": ["flat", "tou", "tiered", None], "description": "null: the meter has no price now"}}},
+            "top_up": {"type": "object", "required": ["available", "refusal", "minimum", "maximum", "presets"], "additionalProperties": False,
+                       "properties": {"available": {"type": "boolean"},
+                                      "refusal": {"enum": ["postpaid", "no_tenant", "not_a_tenant_meter", None]},
+                                      "minimum": {"$ref": "#/components/schemas/Money"}, "maximum": {"$ref": "#/components/schemas/Money"},
+                                      "presets": {"type": "array", "items": {"$ref": "#/components/schemas/Money"}}}},
+            "tenant": {
+                "description": "Only with the token of the meter's tenant; null for anyone else",
+                "anyOf": [{"type": "null"}, {
+                    "type": "object",
+                    "required": ["serial", "billing", "balance", "days_left", "last_reading", "relay_state", "month_kwh"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "serial": {"type": "string"},
+                        "billing": {"enum": ["prepaid", "postpaid"]},
+                        "balance": {"anyOf": [{"$ref": "#/components/schemas/Money"}, {"type": "null"}], "description": "Prepaid only; negative on emergency credit"},
+                        "days_left": {"type": ["integer", "null"], "minimum": 0,
+                                      "description": "Balance ÷ average daily cost of the last 14 days; null when there is too little usage"},
+                        "last_reading": {"anyOf": [{"type": "null"}, {"type": "object", "required": ["at", "register_kwh"], "additionalProperties": False,
+                                                                      "properties": {"at": {"type": "string", "format": "date-time"}, "register_kwh": _PRICE}}]},
+                        "relay_state": {"enum": ["on", "cut", "reconnecting"]},
+                        "month_kwh": _PRICE,
+                    },
+                }],
+            },
+        },
+    },
+    "MeterTopUpRequest": {
+        "type": "object",
+        "required": ["amount", "payment"],
+        "properties": {
+            "amount": {"$ref": "#/components/schemas/Money", "description": "In the meter's currency, within its `top_up` limits"},
+            "payment": {"oneOf": [
+                {"type": "object", "required": ["type"], "additionalProperties": False, "properties": {"type": {"const": "wallet"}},
+                 "description": "The account's wallet (never below zero)"},
+                {"type": "object", "required": ["type", "payment_method_id"], "additionalProperties": False,
+                 "properties": {"type": {"const": "card"}, "payment_method_id": {"type": "string", "pattern": PM_ID}},
+                 "description": "One of the account's saved cards"},
+            ]},
+        },
+    },
+    "MeterTopUp": {
+        "type": "object",
+        "required": ["id", "source", "meter_code", "state", "amount", "receipt_number", "client_secret", "failure_code", "created_at"],
+        "additionalProperties": False,
+        "properties": {
+            "id": {"type": ["integer", "null"], "minimum": 1, "description": "The card top-up's id; null when paid from the wallet"},
+            "source": {"enum": ["card", "wallet"]},
+            "meter_code": {"type": "string"},
+            "state": {"enum": ["created", "requires_action", "processing", "authorized", "succeeded", "failed", "canceled"],
+                      "description": "`succeeded`: the meter is credited"},
+            "amount": {"$ref": "#/components/schemas/Money"},
+            "receipt_number": {"type": ["string", "null"], "description": "See GET /documents/{number}"},
+            "client_secret": {"type": ["string", "null"], "description": "While `requires_action`: confirm it with stripe.js or the mobile SDK"},
+            "failure_code": {"type": ["string", "null"]},
+            "created_at": {"type": "string", "format": "date-time"},
+        },
+    },
+}
+
+
+def meter_paths(secured: list) -> dict:
+    """Meter status and top-ups (webapp/api/meters.py)."""
+    code = {"name": "meter_code", "in": "path", "required": True, "description": "The code under the meter's QR code, e.g. M0001",
+            "schema": {"type": "string", "minLength": 1, "maxLength": 16, "pattern": METER_CODE}}
+    top_up_id = {"name": "top_up_id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID}}
+    not_found = _problem("No meter has this code (`meter_not_found`), or no such top-up of this account (`not_found`)")
+    return {
+        "/meters/{meter_code}": {
+            "get": {
+                "operationId": "getMeter",
+                "summary": "A meter as its QR page shows it: building, unit, price now and next, top-up limits",
+                "description": "The token is optional. With the token of the meter's tenant, `tenant` carries the serial, balance, days of "
+                "credit left, last reading, relay state and this month's usage; for anyone else it is null.",
+                "security": [{"bearer": []}, {}],
+                "parameters": [code],
+                "responses": {"200": _json("Meter", "The meter"), "404": _problem("No meter has this code (`meter_not_found`)"), **COMMON_ERRORS},
+            }
+        },
+        "/meters/{meter_code}/top-ups": {
+            "post": {
+                "operationId": "createMeterTopUp",
+                "summary": "Top up a prepaid meter with a saved card or the wallet",
+                "description": "Anyone with an account may top up any tenant's prepaid meter. 201 with `succeeded` (credited, receipt "
+                "issued) or `requires_action` (3-D Secure: confirm `client_secret`, then POST .../confirm). The Idempotency-Key is "
+                "required: the same key and body replay the first answer (`Idempotent-Replayed: true`) without a second payment.",
+                "security": secured,
+                "parameters": [code, {"name": "Idempotency-Key", "in": "header", "required": True,
+                                      "description": "A unique key per top-up (e.g. a UUID), kept 24 hours per account",
+                                      "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "\\S"}}],
+                "requestBody": _body("MeterTopUpRequest"),
+                "responses": {
+                    "201": _with_headers(_json("MeterTopUp", "The top-up"), _REPLAYED),
+                    "400": _problem("Idempotency-Key missing (`idempotency_key_required`), empty or too long (`invalid_idempotency_key`)"),
+                    "402": _with_headers(_problem("Declined (`card_declined`, see `decline_reason`), refused (`payment_failed`), see "
+                                                  "`top_up_id`; or the wallet holds less (`wallet_insufficient`, see `balance`)"), _REPLAYED),
+                    "404": _with_headers(not_found, _REPLAYED),
+                    "409": _with_headers(_problem("The meter takes no top-up (`meter_not_payable`, see `refusal`); or a request with this "
+                                                  "Idempotency-Key is still running (`request_in_progress`)"), _REPLAYED),
+                    "413": _problem("Body larger than 2 MiB (`too_large`)"),
+                    "415": _problem("Body is not JSON (`unsupported_media_type`)"),
+                    "422": _with_headers(_problem(
+                        "Body not a JSON object (`invalid_json`); a field missing or malformed (`invalid_request`, see `errors`); amount "
+                        "outside the limits (`amount_out_of_range`); not the meter's currency (`wrong_currency`); wallet in another "
+                        "currency (`wallet_currency`); not one of the account's cards (`unknown_payment_method`); Idempotency-Key used "
+                        "for another request (`idempotency_key_reused`)"), _REPLAYED),
+                    "502": _with_headers(_problem("The card payment service refused to work (`provider_error`); see `top_up_id`"), _REPLAYED),
+                    "503": _with_headers(_problem(_UNAVAILABLE + ". With `top_up_id`, the top-up was sent: look it up instead of paying again"),
+                                         _REPLAYED),
+                    **COMMON_ERRORS,
+                },
+            }
+        },
+        "/meters/{meter_code}/top-ups/{top_up_id}": {
+            "get": {
+                "operationId": "getMeterTopUp",
+                "summary": "One of the account's card top-ups of this meter",
+                "security": secured,
+                "parameters": [code, top_up_id],
+                "responses": {"200": _json("MeterTopUp", "The top-up"), "404": not_found, "503": _problem(_UNAVAILABLE), **_PROVIDER_FAILED,
+                              **COMMON_ERRORS},
+            }
+        },
+        "/meters/{meter_code}/top-ups/{top_up_id}/confirm": {
+            "post": {
+                "operationId": "confirmMeterTopUp",
+                "summary": "After 3-D Secure in the client: bring the top-up up to date (credits the meter once)",
+                "security": secured,
+                "parameters": [code, top_up_id],
+                "responses": {"200": _json("MeterTopUp", "The top-up as it stands now"), "404": not_found, "503": _problem(_UNAVAILABLE),
+                              **_PROVIDER_FAILED, **COMMON_ERRORS},
+            }
+        },
+    }
+
+
+READING_SCHEMAS = {
+    "MeterReadingBatch": {
+        "type": "object",
+        "required": ["readings"],
+        "description": "At most 1,000 readings (more: 413 `batch_too_large`).",
+        "properties": {
+            "readings": {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/MeterReadingIn"}},
+        },
+    },
+    "MeterReadingIn": {
+        # No type constraints on purpose: each row is checked on its own and a bad one is answered in its result
+        # (status `rejected` with a `code`), never by refusing the batch.
+        "description": "A register reading: `{\"meter_code\": string, \"at\": ISO 8601 date-time with an offset, \"register_kwh\": "
+        "number or numeric string (kWh on the display, before the CT multiplier, at most 3 decimals), \"demand_kw\": optional number "
+        "(maximum demand since the previous reading)}`. Numbers are read exactly (JSON numbers as decimals). A row that is not such an "
+        "object is rejected in its result, not the batch.",
+        "examples": [{"meter_code": "M0001", "at": "2025-01-31T12:00:00+01:00", "register_kwh": 1234.567, "demand_kw": 3.2}],
+    },
+    "MeterReadingResult": {
+        "type": "object",
+        "required": ["index", "meter_code", "at", "status"],
+        "properties": {
+            "index": {"type": "integer", "minimum": 0, "description": "Position of the row in the request"},
+            "meter_code": {"type": ["string", "null"]},
+            "at": {"type": ["string", "null"], "description": "The instant in UTC when it could be read"},
+            "status": {"enum": ["accepted", "duplicate", "rejected"]},
+            "code": {"type": ["string", "null"], "description": "Why it was rejected: unknown_meter (also another operator's meter), "
+                     "bad_timestamp, future, bad_number, malformed, conflict (another value at this instant), below_previous (no rollover "
+                     "or replacement declared), above_next, above_register_max, no_tariff (prepaid meter without a tariff in force)"},
+            "reason": {"type": ["string", "null"], "description": "The same in English, with the values involved"},
+        },
+    },
+    "MeterReadingReport": {
+        "type": "object",
+        "required": ["accepted", "duplicate", "rejected", "intervals", "superseded", "results"],
+        "properties": {
+            "accepted": {"type": "integer", "minimum": 0},
+            "duplicate": {"type": "integer", "minimum": 0},
+            "rejected": {"type": "integer", "minimum": 0},
+            "intervals": {"type": "integer", "minimum": 0, "description": "Intervals between readings billed by this batch"},
+            "superseded": {"type": "integer", "minimum": 0, "description": "Billed intervals split by a late reading (and corrected)"},
+            "results": {"type": "array", "items": {"$ref": "#/components/schemas/MeterReadingResult"}},
+        },
+    },
+}
+
+
+def meter_reading_paths() -> dict:
+    """Readings posted by meter data collectors (webapp/meters/api.py)."""
+    return {
+        "/meters/readings": {
+            "post": {
+                "operationId": "postMeterReadings",
+                "summary": "A meter data collector posts up to 1,000 register readings",
+                "description": "Authenticated as a collector: an access token from `POST /oauth/token` (OAuth2 client credentials, "
+                "client_secret_basic or client_secret_post). 200 with one result per row, in the order sent, also when some rows were "
+                "rejected: duplicates (same meter, instant and value) are ignored, out-of-order readings are placed in order, a reading "
+                "below the previous one is rejected unless a rollover or replacement was declared. A meter of another operator is "
+                "answered like an unknown one.",
+                "security": [{"collector": ["meters:write"]}],
+                "requestBody": _body("MeterReadingBatch"),
+                "responses": {
+                    "200": _json("MeterReadingReport", "What became of each row"),
+                    "401": _unauthorized("No collector token (`unauthenticated`); unknown, revoked or expired token (`invalid_token`)"),
+                    "413": _problem("More than 1,000 readings (`batch_too_large`), or a body larger than 2 MiB (`too_large`)"),
+                    "415": _problem("Body is not JSON (`unsupported_media_type`)"),
+                    "422": _problem("Body is not a JSON object (`invalid_json`) or has no list of readings (`invalid_request`, see `errors`)"),
+                    "429": _problem("Too many requests from this collector (`rate_limited`)",
+                                    {"Retry-After": {"$ref": "#/components/headers/Retry-After"}}),
+                },
+            }
+        },
+    }
+
+
 def document() -> dict:
     """Build the document (the server URL follows the configured base URL)."""
     secured = [{"bearer": []}]
@@ -924,8 +1429,13 @@ def document() -> dict:
         },
         "servers": [{"url": current_app.config["BASE_URL"].rstrip("/") + "/api/v1"}],
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "Token from POST /auth/token"}},
-            "schemas": {**SCHEMAS, **WALLET_SCHEMAS, **CONNECTOR_SCHEMAS, **SESSION_SCHEMAS},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "Token from POST /auth/token"},
+                "collector": {"type": "oauth2", "description": "Meter data collectors: OAuth2 client credentials (tokens last one hour)",
+                              "flows": {"clientCredentials": {"tokenUrl": current_app.config["BASE_URL"].rstrip("/") + "/oauth/token",
+                                                              "scopes": {"meters:write": "Post meter readings"}}}},
+            },
+            "schemas": {**SCHEMAS, **WALLET_SCHEMAS, **CONNECTOR_SCHEMAS, **SESSION_SCHEMAS, **RECEIPT_SCHEMAS, **BILL_SCHEMAS, **METER_SCHEMAS, **READING_SCHEMAS},
             "headers": HEADERS,
         },
         "paths": {
@@ -997,5 +1507,9 @@ def document() -> dict:
             **wallet_paths(secured),
             **connector_paths(),
             **session_paths(secured),
+            **receipt_paths(secured),
+            **bill_paths(secured),
+            **meter_paths(secured),
+            **meter_reading_paths(),
         },
     }

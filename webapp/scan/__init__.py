@@ -5,6 +5,8 @@ other programs see"), the page a driver lands on after scanning. The images are
 public, since the same code is printed on the pile, and cached for a day. The
 sheet is for staff: an admin prints any site, operator staff and support only
 the sites of their own operator; everyone else is told the site does not exist.
+Meters have the same images at ``/m/<meter_code>/qr.svg`` and ``.png``,
+encoding ``{BASE_URL}/m/{meter_code}`` (the tenant's page, ``webapp.meters.views``).
 
 The codes use error correction level Q (25 % of the code may be lost) and the
 four-module quiet zone of ISO/IEC 18004: a sticker outdoors gets scratched and
@@ -46,6 +48,11 @@ _RENDERING = "qr-v1"  # part of the ETag: change it when the drawing of the code
 def connector_url(code: str) -> str:
     """The public URL a connector's QR code encodes: ``{BASE_URL}/c/{code}`` (needs an app context)."""
     return str(current_app.config["BASE_URL"]).rstrip("/") + "/c/" + quote(code, safe="")
+
+
+def meter_url(code: str) -> str:
+    """The public URL a meter's QR code encodes: ``{BASE_URL}/m/{code}`` (needs an app context)."""
+    return str(current_app.config["BASE_URL"]).rstrip("/") + "/m/" + quote(code, safe="")
 
 
 def printed_url(url: str) -> str:
@@ -98,14 +105,14 @@ def _connector_code_or_404(typed: str) -> str:
     return connector.connector_code  # the stored spelling, also when typed in lower case
 
 
-def _image(code: str, kind: str, box_size: int, render) -> Response:
-    url = connector_url(code)
+def _image(code: str, kind: str, box_size: int, render, *, url: str | None = None, name: str = "connector") -> Response:
+    url = url or connector_url(code)
     etag = hashlib.sha256(f"{_RENDERING}\n{kind}\n{box_size}\n{url}".encode()).hexdigest()[:32]
     if request.if_none_match.contains(etag):
         resp = Response(status=304)
     else:
         resp = Response(render(url), mimetype="image/svg+xml" if kind == "svg" else "image/png")
-        resp.headers["Content-Disposition"] = f'inline; filename="connector-{code}.{kind}"'
+        resp.headers["Content-Disposition"] = f'inline; filename="{name}-{code}.{kind}"'
     resp.set_etag(etag)
     resp.cache_control.public = True
     resp.cache_control.max_age = CACHE_SECONDS
@@ -124,6 +131,30 @@ def qr_png_image(connector_code: str):
     code = _connector_code_or_404(connector_code)  # an unknown connector is 404 whatever the size
     box_size = _box_size()
     return _image(code, "png", box_size, lambda url: qr_png(url, box_size))
+
+
+def _meter_code_or_404(typed: str) -> str:
+    from webapp.meters.views import find_meter
+
+    meter = find_meter(typed)
+    if meter is None:
+        abort(404)
+    return meter.meter_code
+
+
+@bp.route("/m/<meter_code>/qr.svg")
+def meter_qr_svg_image(meter_code: str):
+    """The meter's QR code (``{BASE_URL}/m/<meter_code>``) as SVG, for the sticker on the meter."""
+    code = _meter_code_or_404(meter_code)
+    return _image(code, "svg", 0, qr_svg, url=meter_url(code), name="meter")
+
+
+@bp.route("/m/<meter_code>/qr.png")
+def meter_qr_png_image(meter_code: str):
+    """The meter's QR code as PNG; ``?size=`` sets the pixels per module (2 to 40, default 10)."""
+    code = _meter_code_or_404(meter_code)
+    box_size = _box_size()
+    return _image(code, "png", box_size, lambda url: qr_png(url, box_size), url=meter_url(code), name="meter")
 
 
 def may_print_site(user: User, site: Site) -> bool:
