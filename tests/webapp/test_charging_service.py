@@ -647,3 +647,25 @@ def test_last_seen_is_written_every_half_minute_not_on_every_message(site):
     assert seen() == (t0, t0)
     event(site, lambda s, charger, now: service.charger_seen(s, charger, now), now=t0 + dt.timedelta(seconds=31))
     assert seen() == (t0 + dt.timedelta(seconds=31),) * 2
+
+
+def test_a_driver_stop_the_charger_refused_is_asked_for_again_while_it_keeps_charging(site):
+    ana = driver(site)
+    cs = start(site, ana).session
+    t0 = utcnow()
+    ans = event(site, service.start_transaction, connector_number=1, id_tag=cs.id_tag, meter_start_wh=D(0), timestamp=t0, now=t0)
+    refusing = Charger_(CommandStatus.REJECTED)
+    with site.app_context(), db(site) as s, pytest.raises(ChargingError) as e:
+        service.request_stop(s, refusing, None, s.get(ChargingSession, cs.id), by="driver", now=t0 + dt.timedelta(seconds=50))
+    assert e.value.code == "stop_rejected"
+
+    def reading(sec, wh):
+        at = t0 + dt.timedelta(seconds=sec)
+        return event(site, service.meter_values, connector_number=1, transaction_id=ans.transaction_id,
+                     readings=[Reading(at, D(wh), D(11000))], now=at)
+
+    assert reading(60, 500).stop_transaction_id is None  # just refused: not at once again
+    again = reading(90, 800)  # 40 s after the driver's stop, still charging: the gateway asks the charger again
+    assert (again.stop_transaction_id, again.stop_reason) == (cs.id, "driver")
+    assert reading(100, 850).stop_transaction_id is None
+    assert session(site, cs.id).stop_requested_by == "driver"

@@ -992,6 +992,10 @@ def meter_values(s: Session, charger: Charger, *, connector_number: int, transac
                 _LIVE_PRICED.clear()
             _LIVE_PRICED[cs.id] = _Priced(end, register, cs.cost_minor)
     reason = _limit_reached(cs, end)
+    if reason is None and cs.stop_requested_at is not None:
+        # The driver (or support) asked to stop and the charger is still charging: it refused, was offline, or
+        # the command was lost. Ask again while it keeps sending readings, as for a limit.
+        reason = cs.stop_requested_by or "driver"
     if reason and (cs.stop_requested_at is None or now - cs.stop_requested_at >= STOP_RETRY):
         # Asked again while the charger keeps sending readings: a lost RemoteStop must not let it charge past the hold.
         cs.stop_requested_at, cs.stop_requested_by = now, cs.stop_requested_by or reason
