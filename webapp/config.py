@@ -82,6 +82,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PAYOUT_DEBTOR_NAME", "VOLTPAY_PAYOUT_DEBTOR_NAME", "Voltpay", "account holder name of the bank account SEPA payouts are paid from"),
     Setting("PAYOUT_DEBTOR_IBAN", "VOLTPAY_PAYOUT_DEBTOR_IBAN", None, "IBAN SEPA payouts are paid from; without it no pain.001 file is made (CSV only)"),
     Setting("PAYOUT_DEBTOR_BIC", "VOLTPAY_PAYOUT_DEBTOR_BIC", None, "BIC of that account (optional)"),
+    Setting("SUPPORT_APPROVAL_LIMIT_MINOR", "VOLTPAY_SUPPORT_APPROVAL_LIMIT_MINOR", 10000, "refunds and goodwill credits from the support console above this amount (minor units) need a second person's approval, unless the operator set its own limit", int),
+    Setting("CONTACT_RATE_LIMIT", "VOLTPAY_CONTACT_RATE_LIMIT", "5 per hour", "how many tickets one address (IP) may open through the contact form, and how many replies per ticket link"),
 )
 
 

@@ -13,6 +13,7 @@ from decimal import Decimal
 
 from flask_login import UserMixin
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     CheckConstraint,
     Enum,
@@ -66,6 +67,14 @@ class Operator(Base):
     brand_logo_type: Mapped[str | None] = mapped_column(String(32))  # its media type
     receipt_footer: Mapped[str] = mapped_column(Text, default="", server_default="")
     receipt_legal: Mapped[str] = mapped_column(Text, default="", server_default="")  # legal lines (registration, capital, ...)
+    # Support: refunds and goodwill credits above this amount (minor units of the payment's currency) need a
+    # second person's approval; NULL takes the SUPPORT_APPROVAL_LIMIT_MINOR setting.
+    support_approval_limit_minor: Mapped[int | None] = mapped_column(BigInteger)
+    # Monitoring (webapp.console.monitoring): a charger silent this long is offline; a meter without a reading
+    # this long is an alarm; new alarms are emailed here (NULL: to no one, the alarm list still shows them).
+    alarm_offline_minutes: Mapped[int] = mapped_column(Integer, default=10, server_default="10")
+    alarm_meter_silence_hours: Mapped[int] = mapped_column(Integer, default=26, server_default="26")
+    alarm_email: Mapped[str | None] = mapped_column(String(254))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     sites: Mapped[list[Site]] = relationship(back_populates="operator")
@@ -352,3 +361,5 @@ from webapp.meters.models import (  # noqa: E402,F401
 from payments.settlement import Allocation, AllocationLine, Party, SplitRule  # noqa: E402,F401
 from payments.payouts import Payout, PayoutBatch  # noqa: E402,F401
 from payments.reconcile import ReconciliationItem, ReconciliationRun  # noqa: E402,F401
+from webapp.support.models import ApprovalRequest, AuditEntry, Ticket, TicketMessage  # noqa: E402,F401
+from webapp.console.models import Alarm  # noqa: E402,F401
