@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
+# The suite runs on every core (pytest-xdist): each worker has its own database (tests/conftest.py).
+TEST_WORKERS ?= auto
 STAMP  := $(VENV)/.installed
 LOCALES := es zh
 PO     := $(foreach l,$(LOCALES),webapp/translations/$(l)/LC_MESSAGES/messages.po)
@@ -32,7 +34,7 @@ run: install
 	VOLTPAY_ENV=development $(BIN)/flask --app wsgi demo --port $(PORT)
 
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) tests
 
 bench: install
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, make_url, text
 
 from webapp import create_app
 from webapp.auth.passwords import use_fast_parameters_for_tests
@@ -37,11 +37,29 @@ def _reset_postgres(url: str) -> None:
     eng.dispose()
 
 
+def _worker_database(url: str, worker: str) -> str:
+    """The database of one pytest-xdist worker: ``<name>_<worker>`` on the same server, created if missing.
+
+    Workers run side by side, so each needs tables of its own; the database named by
+    VOLTPAY_TEST_DATABASE_URL is the one a single-process run uses.
+    """
+    base = make_url(url)
+    name = f"{base.database}_{worker}"
+    eng = create_engine(base, isolation_level="AUTOCOMMIT")
+    with eng.connect() as c:
+        if not c.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).scalar():
+            c.execute(text(f'CREATE DATABASE "{name}"'))
+    eng.dispose()
+    return base.set(database=name).render_as_string(hide_password=False)
+
+
 @pytest.fixture(scope="session")
-def database_url(tmp_path_factory) -> str:
-    """A freshly migrated database for this test run."""
+def database_url(tmp_path_factory, worker_id) -> str:
+    """A freshly migrated database for this test run (one per pytest-xdist worker)."""
     url = os.environ.get("VOLTPAY_TEST_DATABASE_URL")
     if url:
+        if worker_id != "master":
+            url = _worker_database(url, worker_id)
         _reset_postgres(url)
     else:
         url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'test.db'}"
