@@ -381,7 +381,7 @@ def _hold_limits_text(q: service.Quote) -> str:
 
 
 def _connector_page(connector: Connector, form: StartForm | None = None, status: int = 200, notice: str | None = None,
-                    decline_help: bool = False):
+                    decline_help: bool = False, failure_code: str | None = None):
     """The connector page: place, status, prices, the hold, and the start form with ``form`` as sent."""
     s = db_session()
     form = form or StartForm()
@@ -442,6 +442,7 @@ def _connector_page(connector: Connector, form: StartForm | None = None, status:
         provider=provider,
         notice=notice or cards_notice,
         decline_help=DECLINE_HELP if decline_help else None,
+        failure_code=failure_code,  # the help link's section of card-problems
         stripe_js_url=current_app.config.get("STRIPE_JS_URL", ""),
         publishable_key=provider.publishable_key if provider else "",
     ), status
@@ -683,7 +684,8 @@ def start(connector_code: str):
         form.setup_id = ""
         if user is not None:
             form.payment = ""  # preselect something other than the card that failed
-        return _connector_page(connector, form, 402, notice=failure_message(cs.failure_code), decline_help=True)
+        return _connector_page(connector, form, 402, notice=failure_message(cs.failure_code), decline_help=True,
+                               failure_code=cs.failure_code)
     if cs.state == SessionState.FAILED:
         form.errors["payment"] = start_error_message(cs.failure_code or "wallet_insufficient", {})
         return _connector_page(connector, form, 402)
