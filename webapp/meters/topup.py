@@ -19,7 +19,9 @@ stranger's card and email are not shown to the tenant. The tenant sees
 every top-up of the meter in its history (amount and date) and the receipts
 of the top-ups it paid itself.
 
-Receipt: a RECEIPT of the building's operator (its series and prefix), no
+Receipt: a RECEIPT of the building's operator in a series of its own
+(prefix ``<operator prefix>-R``: its invoices already count from 1 under the
+plain prefix, and a number names one document), no
 VAT at top-up: the credit is a prepayment, and VAT is charged on the
 electricity as it is used (consumption is invoiced monthly). It is issued
 in the capture's transaction, right after the meter wallet is credited, and
@@ -249,7 +251,7 @@ def _issue_receipt(s: Session, *, meter: Meter, key: str, source: str, owner: st
         "time_zone": tz,
     }
     return invoicing.issue(
-        s, key=key, kind=DocumentKind.RECEIPT, scope=f"operator:{op.id}", prefix=op.prefix, issued_at=now,
+        s, key=key, kind=DocumentKind.RECEIPT, scope=f"operator:{op.id}", prefix=f"{op.prefix}-R", issued_at=now,
         year=now.astimezone(ZoneInfo(tz)).year, currency=amount.currency, owner=owner, user_id=user_id, email=email,
         locale=user.locale if user else None, source=source, vat=[VatGroup(None, amount.amount, 0)], content=content,
     )
