@@ -65,6 +65,7 @@ class AccountKind(enum.StrEnum):
     PAYOUTS_IN_TRANSIT = "payouts_in_transit"  # payouts sent, not yet confirmed (asset)
     REFUNDS_PAYABLE = "refunds_payable"  # refunds owed to a card, not yet sent (liability)
     WRITE_OFF = "write_off"  # losses written off by an operator (expense)
+    GOODWILL = "goodwill"  # credits given to customers as goodwill by support, owner "operator:<id>" (expense)
 
 
 CREDIT_NORMAL = {

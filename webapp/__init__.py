@@ -58,6 +58,7 @@ def create_app(config: dict | None = None) -> Flask:
     from webapp.api import bp as api_bp
     from webapp.auth import bp as auth_bp
     from webapp.charging import bp as charging_bp
+    from webapp.help import bp as help_bp
     from webapp.history import bp as history_bp
     from webapp.main import bp as main_bp
     from webapp.meters.bill_views import bp as bills_bp
@@ -81,6 +82,7 @@ def create_app(config: dict | None = None) -> Flask:
     app.register_blueprint(receipts_bp)
     app.register_blueprint(meters_bp)
     app.register_blueprint(bills_bp)
+    app.register_blueprint(help_bp)
     csrf.exempt(api_bp)  # bearer tokens only, never cookies: nothing for a forged form to ride on
     csrf.exempt(webhooks_bp)  # signed by Stripe, no cookies: the signature is the check
 
@@ -103,5 +105,12 @@ def create_app(config: dict | None = None) -> Flask:
     from webapp.settlement.views import bp as settlement_bp
 
     app.register_blueprint(settlement_bp)  # /operator/settlement: parties, rules, statements, payouts, reconciliation
+    from webapp import console, support
+    from webapp.console import analytics, monitoring, orders, setup  # noqa: F401  (views register on console.bp)
+    from webapp.support import actions, console as support_console, tickets  # noqa: F401  (views register on the bps)
+
+    app.register_blueprint(console.bp)  # /operator: setup, monitoring, analytics, orders
+    app.register_blueprint(support.bp)  # /support: the support console
+    app.register_blueprint(support.contact_bp)  # /contact, /tickets/<reference>: anyone
     register_meters_cli(app)
     return app

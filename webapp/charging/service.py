@@ -1444,6 +1444,94 @@ def review_silent(s: Session, session_id: int, now: dt.datetime) -> None:
     s.commit()
 
 
+# --------------------------------------------------------------------------- a person's decision on a review
+
+
+REVIEW_DECISIONS = ("settle", "release", "write_off")
+
+
+def resolve_review(s: Session, provider: PaymentProvider | None, session_id: int, decision: str, *, now: dt.datetime) -> ChargingSession:
+    """Finish a session in ``review`` as a person decided (the support console). Commits.
+
+    * ``settle``: bill it as priced. A session never priced (its meter went
+      backwards, the charger never reported a stop) is priced now from its
+      readings up to its end, or its last reading (the person has looked at
+      them), then goes through ``settle`` like any other session: capture
+      ``min(cost, hold)`` (nothing below the site's minimum), invoice,
+      settlement. A capture refused again sends it back to ``review``; a
+      provider that does not answer leaves it ``finishing`` for the worker.
+    * ``release``: nothing is charged. The whole hold goes back (wallet entry,
+      or the card authorisation cancelled) and the session is ``completed``
+      with nothing captured (``failure_code`` ``released_by_support``).
+    * ``write_off``: the same for the money (nothing more can be collected,
+      e.g. the card refused the capture), recorded as a loss of the priced
+      cost (``failure_code`` ``written_off``). No ledger entry: revenue is
+      booked only at capture, so nothing owed was booked that must be reversed.
+
+    Raises ChargingError ``invalid_decision``, ``not_in_review``,
+    ``not_priceable`` (settle), ``already_captured`` (the provider captured
+    the card payment: settle it instead); a provider error on a card release
+    leaves the session in review.
+    """
+    if decision not in REVIEW_DECISIONS:
+        raise ChargingError("invalid_decision", "settle, release or write_off")
+    cs = _locked(s, session_id)
+    if cs is None or cs.state is not SessionState.REVIEW:
+        s.rollback()
+        raise ChargingError("not_in_review", "this session is not waiting for a decision")
+    if decision == "settle":
+        return _settle_reviewed(s, provider, cs, now)
+    code = "written_off" if decision == "write_off" else "released_by_support"
+    if cs.payment_kind is PaymentKind.CARD:
+        if cs.card_payment is not None and cs.card_payment.state == cards.State.SUCCEEDED:
+            s.rollback()
+            raise ChargingError("already_captured", "the card payment was captured: settle the session (and refund it if needed)")
+        s.commit()  # no row lock held over the network
+        release(s, provider, cs)
+        s.commit()
+        cs = _locked(s, session_id)
+        if cs.state is not SessionState.REVIEW:  # decided by someone else meanwhile
+            s.commit()
+            return cs
+    else:
+        release(s, provider, cs)
+    cs.state, cs.captured_minor, cs.failure_code = SessionState.COMPLETED, 0, code
+    cs.settled_at, cs.settle_claimed_at, cs.updated_at = now, None, now
+    _free_connector(cs)
+    s.commit()
+    return cs
+
+
+def _settle_reviewed(s: Session, provider: PaymentProvider | None, cs: ChargingSession, now: dt.datetime) -> ChargingSession:
+    """Price a reviewed session if it never was (as ``settle`` does), put it back to ``finishing`` and settle it."""
+    last = s.scalar(select(SessionSample.at).where(SessionSample.session_id == cs.id).order_by(SessionSample.at.desc()).limit(1))
+    end = cs.ended_at or cs.stopped_at or last or cs.last_message_at
+    if cs.started_at is None or end is None:
+        s.rollback()
+        raise ChargingError("not_priceable", "this session has no readings to bill")
+    if cs.final_incl_vat_minor is None:
+        try:
+            priced = price_session(s, cs, end)
+            total = bill(priced, cs.currency)
+        except (PricingError, MoneyError) as e:
+            s.rollback()
+            raise ChargingError("not_priceable", f"this session cannot be priced from its readings ({e})") from None
+        from payments.tariff_store import dumps
+
+        charging_s = int(((cs.stopped_at or end) - cs.started_at).total_seconds())
+        below = cs.energy_wh < cs.min_billable_wh or charging_s < cs.min_billable_s
+        cs.final_excl_vat_minor = total["excl_vat"].amount
+        cs.final_vat_minor = total["vat"].amount
+        cs.final_incl_vat_minor = cs.cost_minor = total["incl_vat"].amount
+        cs.captured_minor = 0 if below else min(total["incl_vat"].amount, cs.hold_minor)
+        cs.priced_json = dumps({k: v for k, v in priced.items() if k != "tariffs"})
+    cs.ended_at = cs.ended_at or end
+    cs.state, cs.settle_claimed_at, cs.updated_at = SessionState.FINISHING, None, now
+    _free_connector(cs)
+    s.commit()
+    return settle(s, provider, cs.id, now) or cs
+
+
 # --------------------------------------------------------------------------- finding sessions
 
 
