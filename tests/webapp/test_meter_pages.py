@@ -177,7 +177,7 @@ def test_tenant_tops_up_with_a_new_card_once_whatever_reports_it_and_gets_a_rece
         operator_id = s.scalar(select(Operator.id))
     assert (doc.kind, doc.scope, doc.owner, doc.source) == (DocumentKind.RECEIPT, f"operator:{operator_id}", building["tess"].owner,
                                                              f"card_payment:{payment_id}")
-    assert doc.number.startswith("CE-2026-") and (doc.total_minor, doc.vat_minor) == (2000, 0)
+    assert doc.number.startswith("CE-R-2026-") and (doc.total_minor, doc.vat_minor) == (2000, 0)
     assert content["notes"] == ["vat_on_consumption"] and content["meter"]["code"] == "M0001"
     assert content["seller"]["name"] == "Casa Energía"
     assert f'href="/documents/{doc.number}"' in result.get_data(as_text=True)
