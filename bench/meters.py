@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import resource
 import sys
 import time
@@ -162,7 +163,6 @@ def run_baseline(url: str, meter_ids: list[int], meters: int, per_meter: int) ->
 
 def check(url: str, meters: int, per_meter: int) -> list[str]:
     """Invariants after the run; an empty list when all hold."""
-    from payments.ledger import AccountKind, LedgerAccount, Posting
     from webapp.meters.models import MeterInterval, MeterReading
 
     eng = create_engine(url)
@@ -203,11 +203,16 @@ def main() -> None:
     print(f"meters: {meters:,} × {PER_METER} readings = {meters * PER_METER:,} readings, batches of {BATCH}, PostgreSQL {args.database_url}")
     seeded = prepare(args.database_url, meters)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    load = os.getloadavg()[0]
+    cpu0 = time.process_time()
     n, secs = run_ingest(args.database_url, seeded["operator_id"], meters, PER_METER)
+    cpu = time.process_time() - cpu0
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rate = n / secs
     print(f"ingest + bill:   {n:,} readings in {secs:.1f} s = {rate:,.0f} readings/s "
           f"({meters * (PER_METER - 1):,} intervals priced, stored and debited)")
+    print(f"  of which this process's CPU (rows, parsing, pricing, COPY formatting): {cpu:.1f} s; the rest waiting on PostgreSQL "
+          f"(load average before: {load:.2f} on {os.cpu_count()} CPUs)")
     bn, bsecs = run_baseline(args.database_url, seeded["meter_ids"], meters, PER_METER)
     base = bn / bsecs
     print(f"baseline INSERT: {bn:,} readings in {bsecs:.1f} s = {base:,.0f} readings/s")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import random
 import resource
 import sys
@@ -160,13 +161,17 @@ def main() -> None:
     base = baseline(eng, a.payments, a.sites, merchant, a.chunk)
     print(f"baseline (COPY of the same payment rows into a bare table): {base:.1f} s, {a.payments / base:,.0f} rows/s", flush=True)
 
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
+    cpu0 = time.process_time()
     for rows in payments(a.payments, a.sites, merchant, a.chunk):
         with Session(eng) as s, s.begin():
             settlement.allocate_many(s, rows)
     t_alloc = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
     print(f"allocated: {a.payments:,} payments in {t_alloc:.1f} s = {a.payments / t_alloc:,.0f} payments/s "
-          f"({t_alloc / base:.1f}× the baseline)", flush=True)
+          f"({t_alloc / base:.1f}× the baseline); this process's CPU {cpu:.1f} s (generating, splitting, COPY formatting), "
+          f"the rest waiting on PostgreSQL (load average before: {load:.2f} on {os.cpu_count()} CPUs)", flush=True)
 
     t1 = time.perf_counter()
     with Session(eng) as s, s.begin():

@@ -41,6 +41,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.exc import IntegrityError
@@ -303,6 +304,215 @@ def _same_or_conflict(entry: JournalEntry, rows: list[tuple[LedgerAccount, int]]
     return entry
 
 
+def post_many(
+    s: Session,
+    entries: Sequence[tuple[str, str, str | None, Sequence[tuple[int, int, str]]]],
+    *,
+    past_limit: str = "refuse",
+    booked: str = "skip",
+) -> tuple[dict[str, int], dict[int, tuple[int, int]]]:
+    """Book many balanced entries with a few statements, under the rules ``post`` keeps for one.
+
+    ``entries``: ``(idempotency_key, description, reference, postings)`` with
+    postings ``(account_id, amount_minor, currency)``, debits positive. The
+    rules, as ``post``'s:
+
+    * each entry's non-zero postings sum to zero per currency and there is at
+      least one (``Unbalanced``); its currency is its account's
+      (``CurrencyMismatch``); keys are unique in the call (``LedgerError``).
+      All checked before anything is written.
+    * a key books once: ``booked="skip"`` leaves out an entry whose key exists
+      (it books nothing, as a replay of ``post`` does — the postings are not
+      compared); ``booked="fail"`` writes every entry without looking (with
+      COPY on PostgreSQL) and a key that exists fails the statement (an
+      IntegrityError: the caller's transaction rolls back). Use "fail" where the caller knows its
+      keys are new (it checked under a lock), for speed.
+    * guarded accounts (wallets) get their cached balance changed by the net of
+      the entries booked, in one UPDATE, their rows locked first in account-id
+      order (one order for every writer, as ``post`` takes them: no deadlock). ``past_limit="refuse"``: a debit past an
+      account's overdraft limit raises ``InsufficientFunds`` and nothing is
+      written; ``"raise_limit"``: the debit is booked and the account's
+      ``overdraft_limit_minor`` raised to what it now uses (the CHECK
+      constraint holds) — for consumption that happened and must be billed
+      whatever the balance (``webapp.meters.readings``).
+
+    Returns ``({key: entry id}`` of the entries booked by this call, ``{account
+    id: (balance_minor, overdraft_limit_minor)}`` after the call for the
+    guarded accounts it changed). Postings go in with COPY on PostgreSQL, which
+    SQLAlchemy's execute events do not see (a customer wallet's low-balance
+    check is queued from them): book customer wallets with ``post``.
+    """
+    if past_limit not in ("refuse", "raise_limit") or booked not in ("skip", "fail"):
+        raise ValueError("past_limit is 'refuse' or 'raise_limit'; booked is 'skip' or 'fail'")
+    todo: list[tuple[str, str, str | None, list[tuple[int, int, str]]]] = []
+    keys: set[str] = set()
+    account_ids: set[int] = set()
+    for key, description, reference, postings in entries:
+        if key in keys:
+            raise LedgerError(f"idempotency key {key!r} twice in one call")
+        keys.add(key)
+        rows = [(a, amt, cur) for a, amt, cur in postings if amt]
+        if not rows:
+            raise Unbalanced(f"entry {key!r} needs at least one non-zero posting")
+        totals: dict[str, int] = defaultdict(int)
+        for a, amt, cur in rows:
+            totals[cur] += amt
+            account_ids.add(a)
+        if any(totals.values()):
+            raise Unbalanced(f"entry {key!r}: postings do not sum to zero: {dict(totals)}")
+        todo.append((key, description[:200], reference, rows))
+    if not todo:
+        return {}, {}
+    pg = s.get_bind().dialect.name == "postgresql"
+    t = LedgerAccount.__table__
+    info = {r[0]: (r[1], bool(r[2])) for r in s.execute(select(t.c.id, t.c.currency, t.c.guarded).where(_in(s, t.c.id, account_ids)))}
+    for key, _d, _r, rows in todo:
+        for a, _amt, cur in rows:
+            if a not in info:
+                raise LedgerError(f"entry {key!r}: no ledger account {a}")
+            if info[a][0] != cur:
+                raise CurrencyMismatch(f"account {a} is {info[a][0]}, posting is {cur}", "currency_mismatch")
+
+    if booked == "skip":  # leave out the keys booked before; one booked concurrently from now on is caught at its insert
+        je = JournalEntry.__table__
+        done = set(s.scalars(select(je.c.idempotency_key).where(_in(s, je.c.idempotency_key, keys))))
+        if done:
+            todo = [e for e in todo if e[0] not in done]
+            if not todo:
+                return {}, {}
+
+    deltas: dict[int, int] = defaultdict(int)
+    for _k, _d, _r, rows in todo:
+        for a, amt, _c in rows:
+            if info[a][1]:
+                deltas[a] += amt
+    balances = _apply_guarded_many(s, {a: d for a, d in sorted(deltas.items()) if d}, past_limit, pg)
+
+    now = utcnow()
+    entry_ids: dict[str, int] = {}
+    if pg and booked == "fail":
+        ids = list(s.scalars(select(func.nextval(func.pg_get_serial_sequence("journal_entries", "id"))).select_from(func.generate_series(1, len(todo)))))
+        _copy(s, "journal_entries", ("id", "idempotency_key", "description", "reference", "created_at"),
+              [(i, k, d, r, now) for i, (k, d, r, _p) in zip(ids, todo, strict=True)])
+        entry_ids = {e[0]: i for i, e in zip(ids, todo, strict=True)}
+    else:
+        je = JournalEntry.__table__
+        stmt = insert(je) if booked == "fail" else _insert_for(s)(je).on_conflict_do_nothing(index_elements=["idempotency_key"])
+        for i in range(0, len(todo), 5000):
+            part = todo[i:i + 5000]
+            entry_ids.update({k: i_ for i_, k in s.execute(stmt.returning(je.c.id, je.c.idempotency_key), [
+                {"idempotency_key": k, "description": d, "reference": r, "created_at": now} for k, d, r, _p in part])})
+        missing = [e for e in todo if e[0] not in entry_ids]
+        if missing:  # booked concurrently after our look-up: book nothing of those (their balances given back)
+            back: dict[int, int] = defaultdict(int)
+            for _k, _d, _r, rows in missing:
+                for a, amt, _c in rows:
+                    if info[a][1]:
+                        back[a] -= amt
+            balances.update(_apply_guarded_many(s, {a: d for a, d in sorted(back.items()) if d}, "refuse", pg, check=False))
+    posting_rows = [(entry_ids[k], a, amt, cur) for k, _d, _r, rows in todo if k in entry_ids for a, amt, cur in rows]
+    if pg:
+        _copy(s, "postings", ("entry_id", "account_id", "amount_minor", "currency"), posting_rows)
+    elif posting_rows:
+        s.connection().execute(insert(Posting.__table__), [{"entry_id": e, "account_id": a, "amount_minor": amt, "currency": c}
+                                                           for e, a, amt, c in posting_rows])
+    if balances:  # objects the caller holds must not write an old balance back
+        for key in [k for k in s.identity_map.keys() if k[0] is LedgerAccount and k[1][0] in balances]:
+            obj = s.identity_map.get(key)
+            if obj is not None:
+                set_committed_value(obj, "balance_minor", balances[key[1][0]][0])
+                set_committed_value(obj, "overdraft_limit_minor", balances[key[1][0]][1])
+    return entry_ids, balances
+
+
+def _in(s: Session, col, values):
+    """``col IN values``; on PostgreSQL ``col = ANY(array)``: one statement text whatever the number of values."""
+    values = list(values)
+    if s.get_bind().dialect.name == "postgresql":
+        from sqlalchemy import any_, bindparam
+        from sqlalchemy.dialects.postgresql import ARRAY
+
+        return col == any_(bindparam(None, values, type_=ARRAY(col.type)))
+    return col.in_(values)
+
+
+def _apply_guarded_many(s: Session, deltas: dict[int, int], past_limit: str, pg: bool, *, check: bool = True) -> dict[int, tuple[int, int]]:
+    """Add each delta to its guarded account's cached balance in one statement (account-id order); ``post_many``'s limit rule."""
+    if not deltas:
+        return {}
+    t = LedgerAccount.__table__
+    ids, ds = list(deltas), [deltas[a] for a in deltas]
+    raise_limit = past_limit == "raise_limit"
+    if pg:
+        # The rows locked in id order first: an UPDATE … FROM takes its rows in whatever order its plan visits them.
+        s.connection().execute(text("SELECT id FROM ledger_accounts WHERE id = ANY(CAST(:ids AS INTEGER[])) ORDER BY id FOR UPDATE"),
+                               {"ids": sorted(ids)}).all()
+        new = "a.balance_minor + v.d"
+        sql = f"UPDATE ledger_accounts AS a SET balance_minor = {new}"
+        if raise_limit:
+            sql += f", overdraft_limit_minor = GREATEST(a.overdraft_limit_minor, {new})"
+        sql += " FROM unnest(CAST(:ids AS INTEGER[]), CAST(:ds AS BIGINT[])) AS v(id, d) WHERE a.id = v.id"
+        if check and not raise_limit:
+            sql += f" AND (v.d <= 0 OR {new} <= a.overdraft_limit_minor)"
+        sql += " RETURNING a.id, a.balance_minor, a.overdraft_limit_minor"
+        got = {r[0]: (int(r[1]), int(r[2])) for r in s.connection().execute(text(sql), {"ids": ids, "ds": ds})}
+    else:
+        got = {}
+        for a, d in zip(ids, ds):
+            new = t.c.balance_minor + d
+            stmt = update(t).where(t.c.id == a).values(balance_minor=new)
+            if raise_limit:
+                stmt = stmt.values(overdraft_limit_minor=func.max(t.c.overdraft_limit_minor, new))
+            elif check and d > 0:
+                stmt = stmt.where(new <= t.c.overdraft_limit_minor)
+            r = s.connection().execute(stmt.returning(t.c.balance_minor, t.c.overdraft_limit_minor)).first()
+            if r is not None:
+                got[a] = (int(r[0]), int(r[1]))
+    refused = [a for a in ids if a not in got]
+    if refused:
+        undo = {a: -deltas[a] for a in got}
+        if undo:
+            _apply_guarded_many(s, undo, "refuse", pg, check=False)
+        acct = s.get(LedgerAccount, refused[0])
+        s.refresh(acct, ["balance_minor", "overdraft_limit_minor"])
+        raise InsufficientFunds(acct, Money(deltas[refused[0]] + acct.balance_minor - acct.overdraft_limit_minor, acct.currency))
+    return got
+
+
+def _copy(s: Session, table: str, cols: Sequence[str], rows: Iterable[Sequence]) -> None:
+    """COPY ``rows`` (sequences in ``cols`` order) into ``table`` on the session's own connection (PostgreSQL).
+
+    The fastest way in; a row that breaks a constraint fails the whole COPY
+    (nothing of it is written), raised as SQLAlchemy's exception for it (an
+    ``IntegrityError`` for a duplicate key), as a statement would be.
+
+    ``rows`` may be a generator doing the caller's work while the database
+    stores the rows already sent; it must not run a statement: the
+    connection is in the COPY (a statement through SQLAlchemy raises
+    ``RuntimeError`` here rather than waiting for ever on the connection).
+    """
+    import psycopg
+    from sqlalchemy import event
+    from sqlalchemy.exc import DBAPIError
+
+    def busy(*_args, **_kw):
+        raise RuntimeError(f"a statement while rows are copied into {table}: the connection is busy with the COPY")
+
+    sql = f'COPY {table} ({", ".join(cols)}) FROM STDIN'
+    conn = s.connection()
+    raw = conn.connection.dbapi_connection
+    event.listen(conn, "before_cursor_execute", busy)
+    try:
+        with raw.cursor() as cur, cur.copy(sql) as cp:
+            write = cp.write_row
+            for r in rows:
+                write(r)
+    except psycopg.Error as e:
+        raise DBAPIError.instance(sql, None, e, psycopg.Error, dialect=s.get_bind().dialect) from e
+    finally:
+        event.remove(conn, "before_cursor_execute", busy)
+
+
 def balance(s: Session, acct: LedgerAccount) -> Money:
     """What the account shows, on its normal side (a wallet's money is positive)."""
     if acct.guarded:
@@ -382,6 +592,7 @@ __all__ = [
     "balance",
     "get_account",
     "post",
+    "post_many",
     "posted_sum",
     "statement",
     "transfer",

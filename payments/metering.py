@@ -76,6 +76,7 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -113,6 +114,7 @@ _QUANTUM_EXP = -6  # kWh shares are allocated in steps of 0.000001 kWh (1 mWh)
 _NEXT_CHANGE_HORIZON = dt.timedelta(days=8)
 _FLAT, _PEAK, _VALLEY = 1, 0, 2  # indices into BANDS
 _ONE = Decimal(1)
+_ZERO = Decimal(0)
 
 
 class MeterTariffError(ValueError):
@@ -452,6 +454,22 @@ class IntervalPrice:
             "incl": str(self.incl),
         }
 
+    def as_json_text(self) -> str:
+        """``json.dumps(self.as_json(), separators=(",", ":"))``, the same text, written directly (an ingest stores one per interval)."""
+        # A Decimal's str is digits, ".", "-", "E" and "+": nothing to escape; the band and currency are checked.
+        bands = ",".join(
+            f'{{"band":{_js(b.band)},"kwh":"{b.kwh}","unit_price":"{b.unit_price}","excl":"{b.excl}","incl":"{b.incl}"}}' for b in self.bands)
+        return (f'{{"currency":{_js(self.currency)},"vat":"{self.vat}","kwh":"{self.kwh}","bands":[{bands}],'
+                f'"excl":"{self.excl}","incl":"{self.incl}"}}')
+
+
+_JSON_PLAIN = re.compile(r"^[A-Za-z0-9.+\-]*$")
+
+
+def _js(text: str) -> str:
+    """A JSON string literal of ``text``, as ``json.dumps`` writes it (quoted as is when nothing needs escaping)."""
+    return f'"{text}"' if _JSON_PLAIN.match(text) else json.dumps(text)
+
 
 @lru_cache(maxsize=64)
 def _exponent(currency: str) -> int:
@@ -643,14 +661,34 @@ def price_interval(
     return IntervalPrice(t.currency, t.vat, kwh, tuple(lines), excl, incl)
 
 
-def _price_tou(t: CompiledMeterTariff, start: dt.datetime, end: dt.datetime, kwh: Decimal, zone: dt.tzinfo, vf: Decimal) -> list[BandLine]:
+def _tou_pieces(t: CompiledMeterTariff, start: dt.datetime, end: dt.datetime, zone: dt.tzinfo) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """``(bands, weights)`` of ``[start, end)``'s pieces (weights None: one band throughout), cached per tariff.
+
+    Depends on the span only, not on the kWh, and a collector reads its
+    meters at the same instants: one batch of a building asks the same spans
+    again and again.
+    """
+    key = ("pieces", zone, start, end)
+    hit = t._cache.get(key)
+    if hit is not None:
+        return hit
     points = [start, *_cuts(t, start, end, zone), end]
-    bands = [_band_index(t, a, zone) for a in points[:-1]]
+    bands = tuple(_band_index(t, a, zone) for a in points[:-1])
     if len(set(bands)) == 1:
-        shares = [kwh]
-        bands = bands[:1]
+        hit = (bands[:1], None)
     else:
-        shares = _allocate(kwh, [_us(b - a) for a, b in zip(points, points[1:])])
+        hit = (bands, tuple(_us(b - a) for a, b in zip(points, points[1:])))
+    if len(t._cache) > 4096:
+        t._cache.clear()
+    t._cache[key] = hit
+    return hit
+
+
+def _price_tou(t: CompiledMeterTariff, start: dt.datetime, end: dt.datetime, kwh: Decimal, zone: dt.tzinfo, vf: Decimal) -> list[BandLine]:
+    bands, weights = _tou_pieces(t, start, end, zone)
+    if weights is None:
+        return [_line(BANDS[bands[0]], _ZERO + kwh, t.prices[bands[0]], vf)]  # type: ignore[index]  # as the sum below writes it
+    shares = _allocate(kwh, list(weights))
     per_band: dict[int, Decimal] = {}
     for b, k in zip(bands, shares):
         per_band[b] = per_band.get(b, Decimal(0)) + k

@@ -73,7 +73,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column, object_session, relationship
 
 from payments.base import Base, UTCDateTime, utcnow
-from payments.ledger import AccountKind, LedgerAccount, Posting, get_account, transfer
+from payments.ledger import AccountKind, LedgerAccount, Posting, get_account, post_many, transfer
 from payments.money import Money, check_currency, exponent
 from payments.settlement import Allocation, AllocationLine, Party, payable
 
@@ -285,7 +285,22 @@ def owed_at(s: Session, currency: str, cutoff: dt.datetime) -> dict[int, int]:
 
 
 def payable_balances(s: Session, currency: str) -> dict[int, int]:
-    """Per party: its PARTY_PAYABLE balance in ``currency`` now (what we owe it, positive)."""
+    """Per party: its PARTY_PAYABLE balance in ``currency`` now (what we owe it, positive).
+
+    On PostgreSQL the postings are summed per account in one pass first (a
+    materialised CTE), then joined to the payables: fetching each payable's
+    postings through the account index visits the table's pages once per
+    account (21 s against 0.8 s for a day of a million payments in
+    ``bench/settlement.py``).
+    """
+    if s.get_bind().dialect.name == "postgresql":
+        from sqlalchemy import text
+
+        rows = s.execute(text(
+            "WITH totals AS MATERIALIZED (SELECT account_id, sum(amount_minor) AS total FROM postings GROUP BY account_id) "
+            "SELECT a.owner, t.total FROM ledger_accounts AS a JOIN totals AS t ON t.account_id = a.id "
+            "WHERE a.kind = :kind AND a.currency = :currency"), {"kind": AccountKind.PARTY_PAYABLE.value, "currency": currency}).all()
+        return {int(owner.split(":", 1)[1]): -int(raw) for owner, raw in rows if owner.startswith("party:")}
     rows = s.execute(
         select(LedgerAccount.owner, func.coalesce(func.sum(Posting.amount_minor), 0))
         .join(Posting, Posting.account_id == LedgerAccount.id)
@@ -322,27 +337,52 @@ def build_batch(s: Session, day: dt.date, currency: str, now: dt.datetime | None
     parties = {p.id: p for p in s.scalars(select(Party).order_by(Party.id).with_for_update(key_share=True))}
     owed = owed_at(s, currency, cutoff)
     now_owed = payable_balances(s, currency)
-    in_transit = get_account(s, AccountKind.PAYOUTS_IN_TRANSIT, currency)
+    in_transit = get_account(s, AccountKind.PAYOUTS_IN_TRANSIT, currency).id
+    rails: dict[tuple, tuple | None] = {}  # bank details checked once per (connected account, IBAN, BIC)
+    made: list[Payout] = []
     for pid in sorted(owed):
         party = parties.get(pid)
         amount = min(owed[pid], now_owed.get(pid, 0))
         if party is None or amount <= 0 or amount < (party.min_payout_minor or 0):
             continue  # carries over: stays owed
-        how = _rail(party, currency)
+        detail = (bool(party.stripe_account_id), party.iban, party.bic)
+        if detail not in rails:
+            rails[detail] = _rail(party, currency)
+        elif rails[detail] is None:  # the same unusable details: logged for this party too
+            _rail(party, currency)
+        how = rails[detail]
         if how is None:
             continue
         rail, iban, bic = how
-        payout = Payout(batch_id=batch.id, party_id=pid, amount_minor=amount, currency=currency, rail=rail,
-                        state=PayoutState.PENDING, beneficiary=party.legal_name[:200], iban=iban, bic=bic,
-                        stripe_account_id=party.stripe_account_id if rail == Rail.STRIPE_CONNECT else None,
-                        end_to_end_id=f"VP{day:%Y%m%d}{currency}B{batch.id}P{pid}"[:35], created_at=now)
-        s.add(payout)
-        s.flush()
-        transfer(s, idempotency_key=f"payout:{payout.id}", description=f"Payout {payout.end_to_end_id}",
-                 reference=f"payout:{payout.id}", debit=payable(s, pid, currency), credit=in_transit, amount=payout.money)
+        made.append(Payout(batch_id=batch.id, party_id=pid, amount_minor=amount, currency=currency, rail=rail,
+                           state=PayoutState.PENDING, beneficiary=party.legal_name[:200], iban=iban, bic=bic,
+                           stripe_account_id=party.stripe_account_id if rail == Rail.STRIPE_CONNECT else None,
+                           end_to_end_id=f"VP{day:%Y%m%d}{currency}B{batch.id}P{pid}"[:35], created_at=now))
+    if made:
+        s.add_all(made)
+        s.flush()  # the payouts' ids, in a few multi-row statements
+        accounts = _payables(s, currency, [p.party_id for p in made])
+        post_many(s, [(f"payout:{p.id}", f"Payout {p.end_to_end_id}", f"payout:{p.id}",
+                       [(accounts[p.party_id], p.amount_minor, currency), (in_transit, -p.amount_minor, currency)]) for p in made],
+                  booked="fail")  # new payouts' keys: on PostgreSQL one COPY
     s.flush()
     s.refresh(batch, ["payouts"])
     return batch
+
+
+def _payables(s: Session, currency: str, party_ids: list[int]) -> dict[int, int]:
+    """Party id → the id of its PARTY_PAYABLE account in ``currency`` (created when missing)."""
+    out: dict[int, int] = {}
+    owners = {f"party:{pid}": pid for pid in party_ids}
+    names = list(owners)
+    for i in range(0, len(names), 5000):
+        for owner, account_id in s.execute(select(LedgerAccount.owner, LedgerAccount.id).where(
+                LedgerAccount.kind == AccountKind.PARTY_PAYABLE, LedgerAccount.currency == currency, LedgerAccount.owner.in_(names[i:i + 5000]))):
+            out[owners[owner]] = account_id
+    for pid in party_ids:
+        if pid not in out:
+            out[pid] = payable(s, pid, currency).id
+    return out
 
 
 def _batch(s: Session, day: dt.date, currency: str) -> PayoutBatch | None:

@@ -488,14 +488,18 @@ def allocate_many(s: Session, payments: Sequence[Mapping]) -> list[int]:
     ``source``, ``site_id``, ``currency``, ``gross``, ``vat``, ``fee``, ``kwh``,
     ``merchant_of_record``, ``at``). Returns the allocation id of each, in
     order; a key booked before (or repeated in ``payments``) is booked once
-    and answers its existing id. Rows are written with COPY on PostgreSQL and
-    executemany elsewhere. Unlike ``allocate`` it does not wait for a
-    concurrent writer of the same key: that case ends in an IntegrityError
-    (the caller's transaction rolls back and a retry finds them booked).
+    and answers its existing id. Every payment is checked before anything is
+    written (one that cannot be split raises and writes nothing). Rows are
+    written with COPY on PostgreSQL — the allocations, split as they stream
+    in, then their lines, while the ledger entries are put together, then the
+    entries and postings through ``payments.ledger.post_many`` — so Python's
+    work overlaps the database's; executemany elsewhere. Unlike ``allocate`` it does not wait for a concurrent writer of
+    the same key: that case ends in an IntegrityError (the caller's
+    transaction rolls back and a retry finds them booked).
     """
     from sqlalchemy import func, insert
 
-    from payments.ledger import GUARDED, JournalEntry, LedgerAccount, Posting
+    from payments.ledger import LedgerAccount, _copy, post_many
     from payments.money import exponent
 
     s.flush()
@@ -503,8 +507,8 @@ def allocate_many(s: Session, payments: Sequence[Mapping]) -> list[int]:
     keys = [p["key"] for p in pays]
     ids: dict[str, int] = {}
     uniq = list(dict.fromkeys(keys))
-    dialect = s.get_bind().dialect.name
-    if dialect == "postgresql":  # one array parameter: a 50,000-item IN list costs PostgreSQL seconds to plan
+    pg = s.get_bind().dialect.name == "postgresql"
+    if pg:  # one array parameter: a 50,000-item IN list costs PostgreSQL seconds to plan
         from sqlalchemy import String, any_, bindparam
         from sqlalchemy.dialects.postgresql import ARRAY
 
@@ -523,102 +527,126 @@ def allocate_many(s: Session, payments: Sequence[Mapping]) -> list[int]:
 
     # The rule in force per payment: every version of the sites involved, newest first per site.
     site_ids = sorted({p["site_id"] for p in todo})
-    versions: dict[int, list[SplitRule]] = {}
+    versions: dict[int, list[tuple[dt.datetime, int, str]]] = {}
     for i in range(0, len(site_ids), 5000):
-        for row in s.scalars(select(SplitRule).where(SplitRule.site_id.in_(site_ids[i:i + 5000])).order_by(SplitRule.effective_from.desc())):
-            versions.setdefault(row.site_id, []).append(row)
+        for row in s.execute(select(SplitRule.site_id, SplitRule.effective_from, SplitRule.id, SplitRule.rule_json)
+                             .where(SplitRule.site_id.in_(site_ids[i:i + 5000])).order_by(SplitRule.effective_from.desc())):
+            versions.setdefault(row[0], []).append((row[1], row[2], row[3]))
     rules: dict[tuple[int | None, int], tuple[dict, tuple | None]] = {}
     currencies: dict[str, tuple[str, int]] = {}
-    alloc_rows, line_rows, books = [], [], []
+
+    # Every payment checked and its rule found first: a payment that cannot be split raises before anything is written.
+    prepared = []
     for p in todo:
         cur, exp = currencies.get(p["currency"]) or currencies.setdefault(p["currency"], (check_currency(p["currency"]), exponent(p["currency"])))
         at = p["at"]
         if at.tzinfo is None:
             raise ValueError("naive datetime given as a payment's time")
-        row = next((r for r in versions.get(p["site_id"], ()) if r.effective_from <= at), None)
-        mor = p["merchant_of_record"]
-        rk = (row.id if row else None, mor if row is None else 0)
-        if rk not in rules:
-            rd = _rule_dict(row, mor)
-            rules[rk] = (rd, _compile_rule(rd))
-        rd, compiled = rules[rk]
         gross, vat, fee = p["gross"], p["vat"], p.get("fee", 0)
-        kwh = p.get("kwh", Decimal(0))
-        if compiled is not None and isinstance(kwh, Decimal) and kwh.is_finite() and kwh >= 0:
-            net, parts = _split_fast(compiled, gross, vat, fee, kwh, exp)
-        else:
-            sp = split(rd, gross=gross, vat=vat, fee=fee, kwh=kwh, currency=cur)
-            net, parts = sp.net, list(sp.parts)
-        alloc_rows.append({"idempotency_key": p["key"], "source": p["source"], "site_id": p["site_id"], "rule_id": row.id if row else None,
-                           "reverses_id": None, "currency": cur, "gross_minor": gross, "vat_minor": vat, "fee_minor": fee,
-                           "net_minor": net, "kwh": kwh, "booked_at": at})
-        books.append((cur, parts, fee, gross - vat))
+        if gross - vat - fee < 0 or vat < 0 or fee < 0:
+            raise RuleError("", "VAT and fee cannot exceed the payment")
+        site = p["site_id"]
+        row = next((r for r in versions.get(site, ()) if r[0] <= at), None)
+        mor = p["merchant_of_record"]
+        rule_id = row[1] if row else None
+        rk = (rule_id, mor if row is None else 0)
+        if rk not in rules:
+            rd = _rule_from_json(row[2]) if row else {"shares": [], "merchant_of_record": mor}
+            rules[rk] = (rd, _compile_rule(rd))
+        prepared.append((p, cur, exp, rule_id, rules[rk]))
 
     # Ids first (a sequence on PostgreSQL; after the largest id elsewhere, where the writer holds the database lock).
     def next_ids(table, n: int) -> list[int]:
-        if dialect == "postgresql":
+        if pg:
             return list(s.execute(select(func.nextval(func.pg_get_serial_sequence(table.name, "id"))).select_from(func.generate_series(1, n))).scalars())
         start = (s.scalar(select(func.max(table.c.id))) or 0) + 1
         return list(range(start, start + n))
 
-    for r, i in zip(alloc_rows, next_ids(Allocation.__table__, len(alloc_rows)), strict=True):
-        r["id"] = i
-        ids[r["idempotency_key"]] = i
+    books: list[tuple[int, str, str, str, list[tuple[int, str, int]], int, int]] = []  # (id, key, source, currency, parts, fee, revenue)
+    alloc_ids = next_ids(Allocation.__table__, len(prepared))
 
-    # Ledger accounts, each fetched or created once.
-    accounts: dict[tuple, LedgerAccount] = {}
-    want_parties = {(cur, pid) for cur, parts, _, _ in books for pid, _, _ in parts}
+    def split_all():
+        """Split each payment; yields its allocation row (ALLOC_COLS). On PostgreSQL this feeds the COPY: the database
+        stores the first allocations while the next are split. No statement may run in here: the connection is in the COPY."""
+        for (p, cur, exp, rule_id, (rd, compiled)), i in zip(prepared, alloc_ids, strict=True):
+            gross, vat, fee = p["gross"], p["vat"], p.get("fee", 0)
+            kwh = p.get("kwh", Decimal(0))
+            if compiled is not None and isinstance(kwh, Decimal) and kwh.is_finite() and kwh >= 0:
+                net, parts = _split_fast(compiled, gross, vat, fee, kwh, exp)
+            else:
+                sp = split(rd, gross=gross, vat=vat, fee=fee, kwh=kwh, currency=cur)
+                net, parts = sp.net, list(sp.parts)
+            ids[p["key"]] = i
+            books.append((i, p["key"], p["source"], cur, parts, fee, gross - vat))
+            yield (i, p["key"], p["source"], p["site_id"], rule_id, None, cur, gross, vat, fee, net, kwh, p["at"])
+
+    if pg:
+        _copy(s, Allocation.__tablename__, ALLOC_COLS, split_all())
+    else:
+        s.execute(insert(Allocation.__table__), [dict(zip(ALLOC_COLS, r, strict=True)) for r in split_all()])
+
+    # Ledger accounts, each fetched or created once: the system accounts per currency and each party's payable.
+    accounts: dict[tuple[AccountKind, str, str], int] = {}
+    want_parties = {(cur, pid) for _i, _k, _s, cur, parts, _f, _r in books for pid, _, _ in parts}
+    la = LedgerAccount.__table__
+
+    def find_payables(cur: str, owners: list[str]) -> None:
+        for i in range(0, len(owners), 5000):
+            for owner, account_id in s.execute(select(la.c.owner, la.c.id).where(
+                    la.c.kind == AccountKind.PARTY_PAYABLE.value, la.c.currency == cur, la.c.owner.in_(owners[i:i + 5000]))):
+                accounts[(AccountKind.PARTY_PAYABLE, cur, owner)] = account_id
+
     for cur in {c for c, _ in want_parties}:
         owners = [f"party:{pid}" for c, pid in want_parties if c == cur]
-        for i in range(0, len(owners), 5000):
-            for a in s.scalars(select(LedgerAccount).where(LedgerAccount.kind == AccountKind.PARTY_PAYABLE, LedgerAccount.currency == cur,
-                                                          LedgerAccount.owner.in_(owners[i:i + 5000]))):
-                accounts[(AccountKind.PARTY_PAYABLE, cur, a.owner)] = a
+        find_payables(cur, owners)
+        missing = [o for o in owners if (AccountKind.PARTY_PAYABLE, cur, o) not in accounts]
+        if missing:  # the parties' first revenue: their payables created in one statement (one created concurrently is kept)
+            from payments.ledger import _insert_for
 
-    def account(kind, cur, owner=""):
-        a = accounts.get((kind, cur, owner))
-        if a is None:
-            a = accounts[(kind, cur, owner)] = get_account(s, kind, cur, owner)
-            assert not a.guarded and kind not in GUARDED  # only unguarded accounts: no cached balance to keep
-        return a
+            s.execute(_insert_for(s)(la).on_conflict_do_nothing(), [
+                {"kind": AccountKind.PARTY_PAYABLE.value, "currency": cur, "owner": o, "balance_minor": 0, "guarded": False,
+                 "overdraft_limit_minor": 0, "created_at": utcnow()} for o in missing])
+            find_payables(cur, missing)
+    for _i, _k, _s, cur, _p, fee, revenue in books:
+        for kind, amount in ((AccountKind.REVENUE, revenue), (AccountKind.PROVIDER_FEES, fee)):
+            if amount and (kind, cur, "") not in accounts:
+                accounts[(kind, cur, "")] = get_account(s, kind, cur).id
 
-    now = utcnow()
-    entry_rows, posting_rows = [], []
-    entry_ids = iter(())
-    entries_needed = sum(1 for _, parts, fee, revenue in books if revenue or fee or any(a for _, _, a in parts))
-    if entries_needed:
-        entry_ids = iter(next_ids(JournalEntry.__table__, entries_needed))
-    for r, (cur, parts, fee, revenue) in zip(alloc_rows, books, strict=True):
-        line_rows.extend({"allocation_id": r["id"], "party_id": p_, "role": role, "amount_minor": a} for p_, role, a in parts)
-        postings = [(account(AccountKind.REVENUE, cur), revenue)]
-        if fee:
-            postings.append((account(AccountKind.PROVIDER_FEES, cur), -fee))
-        by_party: dict[int, int] = {}
-        for p_, _, a in parts:
-            by_party[p_] = by_party.get(p_, 0) + a
-        postings += [(account(AccountKind.PARTY_PAYABLE, cur, f"party:{p_}"), -a) for p_, a in sorted(by_party.items()) if a]
-        postings = [(acct, a) for acct, a in postings if a]
-        if not postings:
-            continue
-        eid = next(entry_ids)
-        entry_rows.append({"id": eid, "idempotency_key": f"allocation:{r['idempotency_key']}", "description": "Revenue allocated",
-                           "reference": r["source"], "created_at": now})
-        posting_rows.extend({"entry_id": eid, "account_id": acct.id, "amount_minor": a, "currency": acct.currency} for acct, a in postings)
+    entries = []
 
-    tables = [(Allocation.__table__, alloc_rows), (AllocationLine.__table__, line_rows), (JournalEntry.__table__, entry_rows),
-              (Posting.__table__, posting_rows)]
-    if dialect == "postgresql":
-        raw = s.connection().connection.driver_connection
-        with raw.cursor() as cur_:
-            for table, rows in tables:
-                if not rows:
-                    continue
-                cols = list(rows[0])
-                with cur_.copy(f'COPY {table.name} ({", ".join(cols)}) FROM STDIN') as cp:
-                    for row in rows:
-                        cp.write_row(tuple(row.values()))
+    def lines_all():
+        """Each allocation's lines (LINE_COLS); meanwhile its ledger entry is put together (while the database stores lines).
+        No statement may run in here either: every account was found above."""
+        for aid, key, source, cur, parts, fee, revenue in books:
+            by_party: dict[int, int] = {}
+            for pid, role, a in parts:
+                yield (aid, pid, role, a)
+                by_party[pid] = by_party.get(pid, 0) + a
+            postings = [(accounts[(AccountKind.REVENUE, cur, "")], revenue, cur)] if revenue else []
+            if fee:
+                postings.append((accounts[(AccountKind.PROVIDER_FEES, cur, "")], -fee, cur))
+            for pid in sorted(by_party):
+                if by_party[pid]:
+                    postings.append((accounts[(AccountKind.PARTY_PAYABLE, cur, f"party:{pid}")], -by_party[pid], cur))
+            if postings:
+                entries.append((f"allocation:{key}", "Revenue allocated", source, postings))
+
+    if pg:
+        _copy(s, AllocationLine.__tablename__, LINE_COLS, lines_all())
     else:
-        for table, rows in tables:
-            if rows:
-                s.execute(insert(table), rows)
+        line_rows = [dict(zip(LINE_COLS, r, strict=True)) for r in lines_all()]
+        if line_rows:
+            s.execute(insert(AllocationLine.__table__), line_rows)
+    post_many(s, entries, booked="fail" if pg else "skip")
     return [ids[k] for k in keys]
+
+
+ALLOC_COLS = ("id", "idempotency_key", "source", "site_id", "rule_id", "reverses_id", "currency", "gross_minor", "vat_minor", "fee_minor",
+              "net_minor", "kwh", "booked_at")
+LINE_COLS = ("allocation_id", "party_id", "role", "amount_minor")
+
+
+def _rule_from_json(text: str) -> dict:
+    from payments.tariff_store import loads
+
+    return loads(text)
