@@ -187,7 +187,8 @@ def main() -> None:
           f"CSV {len(files['payouts.csv']):,} bytes in {t_files:.1f} s", flush=True)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"whole run (allocation + batch + files): {total:.1f} s = {a.payments / total:,.0f} payments/s; peak memory {peak_mb:,.0f} MB; "
-          f"goal ≤ 60 s: {'met' if total <= 60 else 'NOT met'}", flush=True)
+          f"goal (1,000,000 payments in ≤ 60 s): {'met' if a.payments >= 1_000_000 and total <= 60 else 'NOT met'}"
+          f" (at this rate 1,000,000 payments take {total * 1_000_000 / a.payments:,.0f} s)", flush=True)
     t3 = time.perf_counter()
     print(f"checked: {check(eng, batch_id)} in {time.perf_counter() - t3:.1f} s")
     eng.dispose()
