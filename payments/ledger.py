@@ -223,6 +223,94 @@ def post(
     # connection: the ORM's bulk machinery costs more than the SQL here.
     accounts = {a.id: a for a, _ in rows}
     guarded = [(accounts[i], d) for i, d in sorted(_net(rows).items()) if accounts[i].guarded and d]
+    conn = s.connection()
+    if len(guarded) <= 1 and len(rows) <= _PG_MAX_POSTINGS and conn.dialect.name == "postgresql":
+        entry_id, booked = _post_pg(s, conn, idempotency_key, description[:200], reference, rows, guarded[0] if guarded else None)
+    else:
+        entry_id, booked = _post_steps(s, idempotency_key, description[:200], reference, rows, guarded)
+    if booked:
+        _note_posted(conn, rows)
+    return entry_id
+
+
+POSTED = "payments.ledger.posted"
+"""``Connection.info`` key: ``{account id: debited}`` of the accounts ``post`` booked in the open transaction.
+
+For whoever acts after the commit (``webapp.notifications.outbox`` queues a
+low-balance check of the customer wallets debited); a rollback must clear it.
+"""
+
+
+def _note_posted(conn, rows: list[tuple[LedgerAccount, int]]) -> None:
+    noted = conn.info.setdefault(POSTED, {})
+    for acct, amount in rows:
+        noted[acct.id] = noted.get(acct.id, False) or amount > 0
+
+
+# One round trip for the common entry (PostgreSQL): the guarded account's conditional UPDATE (its
+# row lock and limit check, first), then the entry claiming its key only if the UPDATE passed,
+# then the postings only if the entry was inserted. Each step reads the one before, so they run
+# in this order. Without a guarded account the entry is inserted unconditionally.
+_PG_ENTRY = """e AS (
+    INSERT INTO journal_entries (idempotency_key, description, reference, created_at)
+    SELECT %(key)s, %(description)s, %(reference)s, %(now)s{cond}
+    ON CONFLICT (idempotency_key) DO NOTHING RETURNING id
+), p AS (
+    INSERT INTO postings (entry_id, account_id, amount_minor, currency)
+    SELECT e.id, x.a, x.m, x.c FROM e CROSS JOIN (VALUES {values}) AS x(a, m, c)
+)"""
+
+
+def _pg_post_sql(postings: int, guarded: bool) -> str:
+    """The statement for an entry of ``postings`` postings, with or without a guarded account."""
+    values = ", ".join(f"(%(a{i})s::integer, %(m{i})s::bigint, %(c{i})s::varchar)" for i in range(postings))
+    if not guarded:
+        return "WITH " + _PG_ENTRY.format(cond="", values=values) + "\nSELECT NULL, (SELECT id FROM e)"
+    return ("WITH g AS (\n"
+            "    UPDATE ledger_accounts SET balance_minor = balance_minor + %(delta)s::bigint\n"
+            "    WHERE id = %(guarded)s::integer AND (%(delta)s::bigint <= 0 OR balance_minor + %(delta)s::bigint <= overdraft_limit_minor)\n"
+            "    RETURNING balance_minor\n), " + _PG_ENTRY.format(cond=" WHERE EXISTS (SELECT FROM g)", values=values)
+            + "\nSELECT (SELECT balance_minor FROM g), (SELECT id FROM e)")
+
+
+_PG_SQL: dict[tuple[int, bool], str] = {}  # (postings, guarded) -> the statement; one prepared statement each
+_PG_MAX_POSTINGS = 16  # a bigger entry goes statement by statement
+
+
+def _post_pg(s: Session, conn, key: str, description: str, reference: str | None,
+             rows: list[tuple[LedgerAccount, int]], guarded: tuple[LedgerAccount, int] | None) -> tuple[int, bool]:
+    """``post`` in one statement on PostgreSQL, for an entry with at most one guarded account: (entry id, booked now)."""
+    params = {"key": key, "description": description, "reference": reference, "now": utcnow()}
+    for i, (a, amt) in enumerate(rows):
+        params[f"a{i}"], params[f"m{i}"], params[f"c{i}"] = a.id, amt, a.currency
+    sql_key = (len(rows), guarded is not None)
+    sql = _PG_SQL.get(sql_key) or _PG_SQL.setdefault(sql_key, _pg_post_sql(*sql_key))
+    if guarded is None:
+        entry_id = conn.exec_driver_sql(sql, params).one()[1]
+    else:
+        acct, delta = guarded
+        params.update(guarded=acct.id, delta=delta)
+        new, entry_id = conn.exec_driver_sql(sql, params).one()
+        if new is None:  # refused: past the limit (nothing written)
+            existing = s.scalar(select(JournalEntry).where(JournalEntry.idempotency_key == key))
+            if existing is not None:  # a replay of a debit booked earlier, when the money was there
+                return _same_or_conflict(existing, rows).id, False
+            s.refresh(acct, ["balance_minor"])
+            raise InsufficientFunds(acct, Money(delta + acct.balance_minor - acct.overdraft_limit_minor, acct.currency))
+        if entry_id is None:  # the key was booked before (or concurrently, now committed): give the balance back
+            _undo(s, [(acct, delta)])
+        else:
+            set_committed_value(acct, "balance_minor", new)
+    if entry_id is None:
+        existing = s.scalar(select(JournalEntry).where(JournalEntry.idempotency_key == key))
+        assert existing is not None
+        return _same_or_conflict(existing, rows).id, False
+    return entry_id, True
+
+
+def _post_steps(s: Session, idempotency_key: str, description: str, reference: str | None,
+                rows: list[tuple[LedgerAccount, int]], guarded: list[tuple[LedgerAccount, int]]) -> tuple[int, bool]:
+    """``post`` statement by statement (SQLite, or several guarded accounts): (entry id, booked now)."""
     applied: list[tuple[LedgerAccount, int]] = []
     try:
         for acct, delta in guarded:
@@ -233,18 +321,18 @@ def post(
         existing = s.scalar(select(JournalEntry).where(JournalEntry.idempotency_key == idempotency_key))
         if existing is not None:  # a replay of a debit booked earlier, when the money was there
             _same_or_conflict(existing, rows)
-            return existing.id
+            return existing.id, False
         raise
     # Then the entry claims its key: a concurrent writer of the same key waits for ours to commit
     # and then inserts nothing, so a replay finds the first entry and gives its balances back.
-    entry_id = _insert_entry(s, idempotency_key, description[:200], reference, rows)
+    entry_id = _insert_entry(s, idempotency_key, description, reference, rows)
     if entry_id is None:
         _undo(s, applied)
         existing = s.scalar(select(JournalEntry).where(JournalEntry.idempotency_key == idempotency_key))
         assert existing is not None
         _same_or_conflict(existing, rows)
-        return existing.id
-    return entry_id
+        return existing.id, False
+    return entry_id, True
 
 
 def _insert_entry(s: Session, key: str, description: str, reference: str | None, rows: list[tuple[LedgerAccount, int]]) -> int | None:

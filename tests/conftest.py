@@ -120,6 +120,16 @@ class _Handler:
         return "250 Message accepted for delivery"
 
 
+@pytest.fixture(autouse=True)
+def _no_jobs_left_over():
+    """Each test starts with an empty in-memory job queue and schedule: a retry another test left is not this test's."""
+    from webapp.tasks import huey
+
+    if huey.immediate:
+        huey.flush()
+    yield
+
+
 @pytest.fixture(scope="session")
 def smtp_server():
     """A real SMTP server on a free local port."""

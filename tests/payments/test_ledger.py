@@ -113,6 +113,42 @@ def test_same_key_with_other_postings_is_a_conflict(Session):
         assert balance(s, wallet) == eur(1000)
 
 
+def test_an_entry_of_many_postings_books_once_and_a_replay_returns_it(Session):
+    """A split among many parties (past the one-statement size on PostgreSQL) books as any entry does."""
+    with Session.begin() as s:
+        wallet = get_account(s, AccountKind.CUSTOMER_WALLET, "EUR", "user:1")
+        top_up(s, wallet, 10_000, "topup:1")
+        parties = [get_account(s, AccountKind.PARTY_PAYABLE, "EUR", f"party:{i}") for i in range(20)]
+        split = [(wallet, eur(2000))] + [(p, eur(-100)) for p in parties]
+        first = post(s, idempotency_key="session:1:split", description="split", postings=split)
+        assert post(s, idempotency_key="session:1:split", description="again", postings=split) == first
+        with pytest.raises(IdempotencyConflict):
+            post(s, idempotency_key="session:1:split", description="other", postings=[(wallet, eur(2000)), (parties[0], eur(-2000))])
+        assert balance(s, wallet) == eur(8000)
+    with Session() as s:
+        assert s.scalar(select(func.count()).select_from(Posting).where(Posting.entry_id == first)) == 21
+        assert [balance(s, get_account(s, AccountKind.PARTY_PAYABLE, "EUR", f"party:{i}")) for i in (0, 19)] == [eur(100), eur(100)]
+        assert balance(s, get_account(s, AccountKind.CUSTOMER_WALLET, "EUR", "user:1")) == eur(8000)
+
+
+def test_a_refused_debit_and_a_replay_leave_nothing_for_the_low_balance_check(Session):
+    """Only entries booked now are handed on after the commit (with whether each account was debited)."""
+    from payments.ledger import POSTED
+
+    with Session.begin() as s:
+        wallet = get_account(s, AccountKind.CUSTOMER_WALLET, "EUR", "user:1")
+        top_up(s, wallet, 500, "topup:1")
+    with Session.begin() as s:
+        wallet = get_account(s, AccountKind.CUSTOMER_WALLET, "EUR", "user:1")
+        top_up(s, wallet, 500, "topup:1")  # a replay
+        with pytest.raises(InsufficientFunds):
+            spend(s, wallet, 501, "session:1")
+        assert s.connection().info.get(POSTED, {}) == {}
+        spend(s, wallet, 200, "session:2")
+        revenue = get_account(s, AccountKind.REVENUE, "EUR")
+        assert s.connection().info[POSTED] == {wallet.id: True, revenue.id: False}
+
+
 def test_unbalanced_and_mixed_currency_entries_are_refused(Session):
     with Session.begin() as s:
         wallet = get_account(s, AccountKind.CUSTOMER_WALLET, "EUR", "user:1")

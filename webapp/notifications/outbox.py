@@ -22,10 +22,10 @@ If the queue could not be reached after the commit (Redis down), the row
 stays ``queued`` with no attempt; ``resend_stuck_emails`` (every five
 minutes) queues such rows again.
 
-Wallet movements: the ledger writes postings with Core statements, which
-the ORM's flush events never see. A connection event notes the accounts of
-every posting inserted on a connection; after the commit, the accounts of
-the committed transaction are handed to the low-balance check
+Wallet movements: ``payments.ledger.post`` notes on its connection the
+accounts it booked (``ledger.POSTED``; the ORM's flush events never see its
+statements); after the commit, the accounts of the committed transaction
+are handed to the low-balance check
 (``webapp.notifications.emails.check_low_balance_job``), with which of
 them were debited; a rollback drops them.
 """
@@ -40,9 +40,8 @@ from huey import crontab
 from sqlalchemy import event, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, SessionTransaction
-from sqlalchemy.sql.dml import Insert
 
-from payments.ledger import Posting
+from payments.ledger import POSTED
 from webapp.db import session_factory, utcnow
 from webapp.notifications.models import SentEmail
 from webapp.tasks import periodic_task, task
@@ -51,7 +50,6 @@ log = logging.getLogger("voltpay.notifications")
 
 PENDING = "voltpay.outbox"  # session.info: {idempotency key: SentEmail id} waiting for the commit
 CONNECTIONS = "voltpay.outbox.connections"  # session.info: the info dicts of the connections of this transaction
-POSTED = "voltpay.posted_accounts"  # connection.info: ledger account ids posted to in the open transaction
 STUCK_AFTER = dt.timedelta(minutes=10)  # a queued row never tried for this long lost its job: queue it again
 RETRIES = 6
 RETRY_DELAY = 30  # seconds; doubled at each retry, at most 10 minutes apart (webapp.tasks)
@@ -93,20 +91,6 @@ def schedule(s: Session, *, to: str, template: str, reference: str, key: str) ->
 def _remember_connection(s: Session, _transaction: SessionTransaction, connection) -> None:
     """Keep the connection's info dict: the postings noted on it belong to this transaction."""
     s.info.setdefault(CONNECTIONS, []).append(connection.info)
-
-
-@event.listens_for(Engine, "after_execute")
-def _note_postings(conn, clauseelement, multiparams, params, execution_options, result) -> None:
-    """Note the ledger accounts of inserted postings (the ledger inserts them with Core, unseen by ORM events)."""
-    if not isinstance(clauseelement, Insert) or clauseelement.table is not Posting.__table__:
-        return
-    noted = conn.info.setdefault(POSTED, {})  # account id -> whether it was debited (a debit lowers a wallet)
-    rows = list(multiparams or ()) + ([params] if params else [])
-    for row in rows:
-        for r in row if isinstance(row, list | tuple) else [row]:
-            if isinstance(r, dict) and r.get("account_id") is not None:
-                acct = int(r["account_id"])
-                noted[acct] = noted.get(acct, False) or int(r.get("amount_minor") or 0) > 0
 
 
 @event.listens_for(Engine, "rollback")
