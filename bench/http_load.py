@@ -19,7 +19,13 @@ Named http_load.py, not http.py: every script in bench/ has this folder first
 on sys.path, where an http.py would stand in for the standard library's http
 package (urllib, werkzeug and gunicorn import it).
 
-    .venv/bin/python bench/http_load.py [--seconds 10] [--connections 32] [--workers 2] [--threads 4]
+One gunicorn worker (with 4 threads) by default: with two, the 32 keep-alive
+connections wrk opens at once land on whichever worker accepts first, and
+the rate then depends on that split more than on the app (the same build
+measured 0.16 and 1.28 in two runs on 2 cores); one worker on one core,
+wrk on the other, measures what a request costs.
+
+    .venv/bin/python bench/http_load.py [--seconds 10] [--connections 32] [--workers 1] [--threads 4]
 """
 
 from __future__ import annotations
@@ -243,7 +249,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per case (default 10)")
     parser.add_argument("--connections", type=int, default=32, help="keep-alive connections (default 32)")
-    parser.add_argument("--workers", type=int, default=2, help="gunicorn worker processes (default 2)")
+    parser.add_argument("--workers", type=int, default=1, help="gunicorn worker processes (default 1; see above)")
     parser.add_argument("--threads", type=int, default=4, help="threads per gunicorn worker (default 4)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:

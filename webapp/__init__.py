@@ -36,9 +36,10 @@ def create_app(config: dict | None = None) -> Flask:
         n = app.config["TRUSTED_PROXIES"]
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n, x_port=n)
 
-    from webapp import db, errors, i18n, logs, security, tasks
+    from webapp import db, errors, i18n, logs, security, sessions, tasks
     from webapp.extensions import csrf, limiter
 
+    sessions.init_app(app)
     logs.init_app(app)
     db.init_app(app)
     csrf.init_app(app)
@@ -75,6 +76,9 @@ def create_app(config: dict | None = None) -> Flask:
     app.register_blueprint(notifications_bp)
     app.register_blueprint(wallet_bp)
     app.register_blueprint(charging_bp)
+    from webapp.charging import page_cache
+
+    page_cache.init_app(app)
     app.register_blueprint(history_bp)
     app.register_blueprint(api_bp)
     app.register_blueprint(webhooks_bp)

@@ -24,7 +24,24 @@ def select_locale() -> str:
     chosen = session.get("locale")
     if chosen in LANGUAGES:
         return chosen
-    return request.accept_languages.best_match(list(LANGUAGES), default="en") or "en"
+    return _best_match(request.headers.get("Accept-Language", ""))
+
+
+_MATCHES: dict[str, str] = {}  # Accept-Language header -> our language: browsers send a handful of distinct headers
+
+
+def _best_match(header: str) -> str:
+    """The language of ours that ``header`` (Accept-Language) prefers most, English when none; remembered per header."""
+    found = _MATCHES.get(header)
+    if found is None:
+        from werkzeug.datastructures import LanguageAccept
+        from werkzeug.http import parse_accept_header
+
+        found = parse_accept_header(header, LanguageAccept).best_match(list(LANGUAGES), default="en") or "en"
+        if len(_MATCHES) >= 1024:  # bounded: a client inventing headers cannot grow it
+            _MATCHES.clear()
+        _MATCHES[header] = found
+    return found
 
 
 def html_lang() -> str:

@@ -50,20 +50,26 @@ def init_app(app: Flask) -> None:
         frame_origins = (*script_origins, "https://hooks.stripe.com")
         connect_origins = (*script_origins, "https://api.stripe.com")
     csp = content_security_policy(script_origins, frame_origins, connect_origins)
-    production = app.config["ENV"] == "production"
+
+    defaults = [
+        ("Content-Security-Policy", csp),
+        ("X-Content-Type-Options", "nosniff"),
+        ("X-Frame-Options", "DENY"),
+        ("Referrer-Policy", "strict-origin-when-cross-origin"),
+        ("Permissions-Policy", "camera=(), microphone=(), geolocation=(), payment=(self)"),
+        ("Cross-Origin-Opener-Policy", "same-origin"),
+    ]
+    if app.config["ENV"] == "production":
+        defaults.append(("Strict-Transport-Security", "max-age=63072000; includeSubDomains"))
 
     @app.after_request
     def _headers(resp: Response) -> Response:
         h = resp.headers
-        h.setdefault("Content-Security-Policy", csp)
-        h.setdefault("X-Content-Type-Options", "nosniff")
-        h.setdefault("X-Frame-Options", "DENY")
-        h.setdefault("Referrer-Policy", "strict-origin-when-cross-origin")
-        h.setdefault("Permissions-Policy", "camera=(), microphone=(), geolocation=(), payment=(self)")
-        h.setdefault("Cross-Origin-Opener-Policy", "same-origin")
-        if production:
-            h.setdefault("Strict-Transport-Security", "max-age=63072000; includeSubDomains")
-        if request.endpoint and not request.endpoint.startswith("static") and "Cache-Control" not in h:
+        present = {k.lower() for k in h.keys()}  # a view may set its own (one pass, not one look-up per header)
+        for k, v in defaults:
+            if k.lower() not in present:
+                h.add(k, v)
+        if "cache-control" not in present and request.endpoint and not request.endpoint.startswith("static"):
             # Pages carry personal data and CSRF tokens: never cache them in shared caches.
-            h["Cache-Control"] = "no-store"
+            h.add("Cache-Control", "no-store")
         return resp

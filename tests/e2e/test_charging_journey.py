@@ -9,6 +9,7 @@ car draws 11 kW at 100× speed so the kWh visibly rise within seconds.
 from __future__ import annotations
 
 import re
+import urllib.request
 from decimal import Decimal
 
 from playwright.sync_api import Page, expect
@@ -18,6 +19,7 @@ from payments.cards import CardPayment
 from tests.charging_helpers import charging_site, gateway, session_row, simulators, wait_for  # noqa: F401  (fixtures)
 from tests.webapp.wallet_helpers import intent
 from webapp.charging.models import ChargerConnection, SessionState
+from webapp.models import Connector
 
 EMAIL = "guest.e2e@example.com"
 CARD = "4242424242424242"
@@ -43,18 +45,27 @@ def kwh(page: Page) -> Decimal:
 
 
 def test_a_guest_scans_pays_by_card_watches_the_charge_stops_it_and_sees_the_bill(
-    page: Page, live_server, charging_site, simulators, stripe_config, mailbox, console,  # noqa: F811
+    page: Page, live_server, charging_site, simulators, stripe_config, mailbox, console, caplog,  # noqa: F811
 ):
     app = live_server.app
     sim = simulators.start(charging_site.cp_id, power_kw=11, time_scale=100, meter_interval=0.3, plug_in_delay=0.5, unplug_delay=0.3)
+    code = charging_site.connector_codes[1]
     with app.extensions["db_sessionmaker"]() as s:
         wait_for(lambda: s.get(ChargerConnection, charging_site.charger_id, populate_existing=True), what="the charger to connect")
-    code = charging_site.connector_codes[1]
+        wait_for(lambda: s.scalar(select(Connector.status).where(Connector.connector_code == code).execution_options(populate_existing=True))
+                 == "Available", what="the connector to report Available")
     sent: list[tuple[str, str, bytes]] = []
     page.on("request", lambda r: sent.append((r.method, r.url, r.post_data_buffer or b"")))
 
-    # The page behind the QR code: place, status, price and what is reserved.
-    page.goto(live_server(f"/c/{code}"))
+    # The page behind the QR code: place, status, price and what is reserved. Someone scanned it a moment
+    # ago, so this first-time visitor gets it from the page cache, in front of Flask, with a session of their own.
+    app.config["PAGE_CACHE_SECONDS"] = 30
+    urllib.request.urlopen(live_server(f"/c/{code}")).read()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="voltpay.http"):
+        page.goto(live_server(f"/c/{code}"))
+    app.config["PAGE_CACHE_SECONDS"] = 0  # what follows must see the connector as it is
+    assert [r.__dict__.get("cached") for r in caplog.records if r.getMessage() == "request" and r.__dict__.get("path") == f"/c/{code}"] == [True]
     expect(page.get_by_test_id("status")).to_have_text("Available")
     expect(page.locator("main")).to_contain_text("€0.4235 per kWh")
     expect(page.get_by_test_id("hold-explained")).to_contain_text("We reserve up to €")

@@ -739,27 +739,58 @@ def test_every_form_and_json_post_needs_the_csrf_token(app, csrf_client, site, s
         assert s.scalar(select(func.count()).select_from(ChargingSession)) == 1
 
 
-def test_anonymous_visitors_share_a_page_for_a_few_seconds_each_with_their_own_csrf_token(app, csrf_client, site, monkeypatch):
-    import webapp.charging.views as views
+def test_anonymous_visitors_share_a_page_for_a_few_seconds_each_with_their_own_csrf_token(app, csrf_client, site, monkeypatch, caplog):
+    import webapp.charging.page_cache as page_cache
 
     clock = [1000.0]
-    monkeypatch.setattr(views.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(views, "_page_cache", views._PageCache())
+    monkeypatch.setattr(page_cache.time, "monotonic", lambda: clock[0])
     app.config["PAGE_CACHE_SECONDS"] = 2
-    first = csrf_client.get("/c/A101")
-    other = app.test_client()
-    second = other.get("/c/A101")
+    first = csrf_client.get("/c/A101")  # rendered, and cached
+    other = app.test_client()  # a first-time visitor: answered from the cache, before Flask
+    caplog.clear()
+    with caplog.at_level("INFO", logger="voltpay.http"):
+        second = other.get("/c/A101")
+    assert [r.__dict__.get("cached") for r in caplog.records if r.getMessage() == "request"] == [True]
     token = lambda r: re.search(r'name="csrf_token" value="([^"]+)"', r.get_data(as_text=True)).group(1)  # noqa: E731
     assert first.status_code == second.status_code == 200 and token(first) != token(second)
     assert "\x00" not in second.get_data(as_text=True)
-    assert text(first).replace(token(first), "") == text(second).replace(token(second), "")
-    # each visitor's token is their own and works: the guest-card endpoint accepts it (and refuses the other's)
+    assert first.get_data(as_text=True).replace(token(first), "") == second.get_data(as_text=True).replace(token(second), "")
+    # the same headers as Flask's own answer (security headers, no-store, content type), each visitor their own session and request id
+    per_visitor = {"Set-Cookie", "X-Request-ID", "Content-Length"}
+    assert sorted((k, v) for k, v in first.headers.items() if k not in per_visitor) == \
+        sorted((k, v) for k, v in second.headers.items() if k not in per_visitor)
+    assert "Content-Security-Policy" in second.headers and second.headers["Cache-Control"] == "no-store"
+    assert first.headers["X-Request-ID"] != second.headers["X-Request-ID"]
+    assert first.headers["Set-Cookie"].split(";", 1)[1] == second.headers["Set-Cookie"].split(";", 1)[1]  # HttpOnly, SameSite, Path
+    assert app.test_client().get("/c/A101", headers={"X-Request-ID": "support-case-123"}).headers["X-Request-ID"] == "support-case-123"
+    # each visitor's token is their own and works with their session: the guest-card endpoint accepts it (and refuses the other's)
     ok = other.post("/c/A101/guest-card", json={"email": "x"}, headers={"X-CSRFToken": token(second)})
     bad = other.post("/c/A101/guest-card", json={"email": "x"}, headers={"X-CSRFToken": token(first)})
     assert ok.status_code == 400 and ok.get_json()["code"] == "invalid_email"  # past the CSRF check, to the email check
     assert bad.status_code == 400 and bad.get_json(silent=True) is None  # refused by the CSRF check itself
     # a change shows within the cache's seconds
     set_connector(app, "A101", status="Faulted", error_code="GroundFailure")
-    assert "Out of order" not in text(other.get("/c/A101"))
+    assert "Out of order" not in text(app.test_client().get("/c/A101"))
+    assert "Out of order" not in text(other.get("/c/A101"))  # a returning visitor: through Flask, from the same cache
     clock[0] += 2.5
-    assert "Out of order" in text(other.get("/c/A101"))
+    assert "Out of order" in text(app.test_client().get("/c/A101"))
+
+
+def test_the_cached_page_is_per_language_and_never_shown_to_a_signed_in_driver(app, site, make_user, monkeypatch):
+    import webapp.charging.page_cache as page_cache
+
+    monkeypatch.setattr(page_cache.time, "monotonic", lambda: 1000.0)
+    app.config["PAGE_CACHE_SECONDS"] = 2
+    for _ in range(2):  # cached, then from the cache
+        english = app.test_client().get("/c/A101", headers={"Accept-Language": "en-GB,en;q=0.9"})
+        spanish = app.test_client().get("/c/A101", headers={"Accept-Language": "es-ES,es;q=0.9"})
+        assert 'lang="en"' in english.get_data(as_text=True) and 'lang="es"' in spanish.get_data(as_text=True)
+    make_user("ana@example.com")
+    ana = app.test_client()
+    app.config["WTF_CSRF_ENABLED"] = False
+    sign_in(ana, "ana@example.com")
+    page = text(ana.get("/c/A101"))
+    assert "Have an account?" not in page  # her own page, with her wallet and cards, not the guest's
+    # a query string or a cookie goes through Flask (and the page is still right)
+    assert "Have an account?" in text(app.test_client().get("/c/A101?from=sticker"))
+    assert "Have an account?" in text(app.test_client().get("/c/A101", headers={"Cookie": "other=1"}))

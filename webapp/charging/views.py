@@ -25,7 +25,6 @@ import datetime as dt
 import logging
 import re
 import secrets
-import time
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from zoneinfo import ZoneInfo
@@ -54,7 +53,7 @@ from payments.providers.base import Card, InvalidRequest, PaymentProvider, Payme
 from payments.tariff_store import loads
 from webapp.api.connectors import CODE, find_connector
 from webapp.auth.forms import normalize_email
-from webapp.charging import bp, notify, service
+from webapp.charging import bp, notify, page_cache, service
 from webapp.charging.models import ENDED_STATES, ChargingSession, PaymentKind, SessionState
 from webapp.charging.service import ChargingError, StartRequest
 from webapp.db import db_session, utcnow
@@ -467,56 +466,24 @@ def find_connector_form():
     return redirect(url_for("charging.connector", connector_code=code.upper()))
 
 
-class _PageCache:
-    """A few seconds' memory of the connector page as anonymous visitors see it, per code and language.
-
-    Everyone who scans a pile's QR code without being signed in gets the same
-    page, except for their CSRF token; during busy minutes (a car park
-    opening, a bench) rendering it again for each of them costs five queries
-    and a template. The page is kept for ``PAGE_CACHE_SECONDS`` (0 turns
-    this off) with the token replaced by a placeholder, and each visitor gets
-    their own token put back. A status a few seconds old is harmless: starting
-    checks the connector, the price and the hold again. Per process, bounded.
-    """
-
-    PLACEHOLDER = "\x00csrf\x00"
-    MAX_ENTRIES = 4096
-
-    def __init__(self) -> None:
-        self._pages: dict[tuple[str, str], tuple[float, str]] = {}
-
-    def get(self, key: tuple[str, str]) -> str | None:
-        hit = self._pages.get(key)
-        if hit is None or hit[0] < time.monotonic():
-            return None
-        return hit[1].replace(self.PLACEHOLDER, generate_csrf())
-
-    def put(self, key: tuple[str, str], body: str, seconds: float) -> None:
-        token = generate_csrf()
-        if len(self._pages) >= self.MAX_ENTRIES:
-            self._pages.clear()
-        self._pages[key] = (time.monotonic() + seconds, body.replace(token, self.PLACEHOLDER))
-
-
-_page_cache = _PageCache()
-
-
 @bp.route("/c/<connector_code>")
 def connector(connector_code: str):
     """The page behind the QR code: where, what, status, price, the hold, and the start form."""
     seconds = float(current_app.config.get("PAGE_CACHE_SECONDS") or 0)
-    key = (connector_code.upper(), str(get_locale()))
-    cacheable = seconds > 0 and not current_user.is_authenticated and "_flashes" not in session
+    key = (connector_code, str(get_locale()))
+    cache = current_app.extensions["page_cache"]  # webapp.charging.page_cache
+    cacheable = seconds > 0 and not current_user.is_authenticated and "_flashes" not in session and not request.query_string
     if cacheable:
-        body = _page_cache.get(key)
-        if body is not None:
-            return body
+        page = cache.page(key)
+        if page is not None:
+            return page.body.replace(page_cache.PLACEHOLDER, generate_csrf())
     found = find_connector(connector_code)
     if found is None:
         return _unknown_code(connector_code[:64])
     body, status = _connector_page(found)
     if cacheable and status == 200:
-        _page_cache.put(key, body, seconds)
+        cache.put(key, body, generate_csrf(), seconds)
+        request.environ[page_cache.LEARN] = key  # AnonymousPages learns this response's headers
     return body, status
 
 
