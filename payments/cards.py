@@ -398,9 +398,19 @@ def prepare_refund(s: Session, row: CardPayment, amount: Money, *, reason: str, 
 
 
 def send_refund(s: Session, provider: PaymentProvider, rf: CardRefund) -> CardRefund:
-    """Send a prepared refund to the provider and book it once; a refused refund gives its reservation back."""
+    """Send a prepared refund to the provider and book it once; a refused refund gives its reservation back.
+
+    The refund's row is locked first and its status read again, and the lock
+    is held through the provider's answer until the caller commits: two
+    requests sending the same pending refund (a double click, a retried
+    request, a support agent and a job) send it once, even to a provider
+    that ignores the idempotency key (localstripe); the second finds it done.
+    After a crash mid-call the refund is still pending and is sent again with
+    the same key, which the provider answers with the first refund.
+    """
     from payments.providers.base import InvalidRequest
 
+    s.refresh(rf, with_for_update=True)
     if rf.status in ("succeeded", "failed"):
         return rf
     row = rf.payment

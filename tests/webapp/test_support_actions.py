@@ -27,6 +27,7 @@ from payments.base import utcnow
 from payments.cards import CardPayment, CardRefund
 from payments.invoicing import Document, DocumentKind
 from payments.ledger import AccountKind, JournalEntry, LedgerAccount, balance
+from payments.money import Money
 from payments.settlement import Allocation
 from tests.charging_helpers import (  # noqa: F401  (fixtures)
     charging_site,
@@ -352,6 +353,45 @@ def test_a_card_refund_the_provider_did_not_answer_is_finished_by_sending_the_fo
     assert [r.amount for r in provider_refunds(stripe_config, card_site, cs)] == [100]
     assert session_row(card_site, cs.id).refunded_minor == 100 and count(card_site, Document, Document.kind == DocumentKind.CREDIT_NOTE) == 1
     assert [e.outcome for e in audit(card_site, "refund")] == ["done", "failed", "done"]  # reserved, not sent, sent
+
+
+def test_a_pending_card_refund_sent_again_from_two_places_at_once_is_refunded_once(card_site, stripe_config):
+    """The provider did not answer; then a support agent and a retried request send the same refund at the same moment.
+
+    localstripe ignores idempotency keys, so only our own lock keeps the card from being refunded twice.
+    """
+    from payments.providers import make_provider
+    from payments.providers.base import ProviderUnavailable
+
+    make_site(card_site)
+    cs = card_session(card_site, stripe_config)
+    provider = card_site.extensions["payment_provider"]
+    unreachable = make_provider({**stripe_config, "STRIPE_API_BASE": "http://127.0.0.1:9"})
+    with card_site.app_context(), db(card_site) as s, pytest.raises(ProviderUnavailable):
+        service.refund_session(s, unreachable, cs.id, Money(150, "EUR"), reason="Slow", key="k1", now=utcnow())
+    assert session_row(card_site, cs.id).refunded_minor == 150 and provider_refunds(stripe_config, card_site, cs) == []
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def send_again():
+        try:
+            with card_site.app_context(), db(card_site) as s:
+                barrier.wait(timeout=30)
+                service.refund_session(s, provider, cs.id, Money(150, "EUR"), reason="Slow", key="k1", now=utcnow())
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=send_again) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert [r.amount for r in provider_refunds(stripe_config, card_site, cs)] == [150]
+    assert count(card_site, CardRefund) == 1 and count(card_site, CardRefund, CardRefund.status == "succeeded") == 1
+    assert session_row(card_site, cs.id).refunded_minor == 150
+    assert count(card_site, Document, Document.kind == DocumentKind.CREDIT_NOTE) == 1
+    assert money(card_site, kind=AccountKind.PROVIDER_CLEARING) == 424 - 150
 
 
 # --------------------------------------------------------------------------- approvals
