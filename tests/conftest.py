@@ -150,11 +150,22 @@ def mailbox(smtp_server) -> Mailbox:
 
 
 def _truncate(app) -> None:
+    """Empty every table (children first) and start every id sequence again at 1.
+
+    On PostgreSQL a TRUNCATE of all ~55 tables costs about half a second per
+    test (every table's files are made again), most of the suite's time; one
+    query finds the few tables a test wrote to, and only those are emptied.
+    """
     engine = app.extensions["db_engine"]
     tables = [t.name for t in reversed(Base.metadata.sorted_tables)]
     with engine.begin() as c:
         if engine.dialect.name == "postgresql":
-            c.execute(text("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " RESTART IDENTITY CASCADE"))
+            used = c.execute(text("SELECT " + ", ".join(f'EXISTS (SELECT FROM "{t}")' for t in tables))).one()
+            for t, has_rows in zip(tables, used, strict=True):
+                if has_rows:
+                    c.execute(text(f'DELETE FROM "{t}"'))
+            c.execute(text("SELECT setval(s.oid, 1, false) FROM pg_class s JOIN pg_namespace n ON n.oid = s.relnamespace "
+                           "WHERE s.relkind = 'S' AND n.nspname = current_schema()"))
         else:
             for t in tables:
                 c.execute(text(f'DELETE FROM "{t}"'))

@@ -273,7 +273,8 @@ def test_a_guest_pays_by_card_stops_from_the_phone_and_pays_exactly_the_energy(a
     assert created.status_code == 201, created.json
     body = created.json
     session_id, hold = body["id"], body["hold"]["amount"]
-    assert body["state"] == "start_requested" and body["payment"] == {"type": "card", "card": {"brand": "visa", "last4": "4242"}}
+    # start_requested, or already charging when the simulated car (plugged in 0.3 s after the RemoteStart) beat a slow response
+    assert body["state"] in ("start_requested", "charging") and body["payment"] == {"type": "card", "card": {"brand": "visa", "last4": "4242"}}
     assert phone.session_token and hold > 0
     payment_id = card_payment(app, session_id).provider_payment_id
     held = at_provider(stripe_config, payment_id)
