@@ -28,21 +28,20 @@ from flask_babel import lazy_gettext as _l
 from payments import cards
 from payments import wallet as wallet_mod
 from payments.cards import CardPayment, Purpose, State
-from payments.providers.base import CardDeclined, InvalidRequest, ProviderError, ProviderUnavailable
 from webapp.api import bp, invalid, is_text, json_body, token_required
-from webapp.api.idempotency import HEADER, effect_started, idempotent
+from webapp.api.idempotency import HEADER, idempotent
 from webapp.api.sessions import optional_token
 from webapp.api.wallet import (
     MAX_ID,
     PAYMENT_METHOD_ID,
-    _calling_provider,
     _client_secret,
-    _customer_cards,
-    _end_transaction,
-    _fmt,
+    _confirm,
     _money_field,
+    _out_of_range,
+    _pending_client_secret,
     _provider,
-    _unavailable,
+    _saved_card,
+    _submit,
 )
 from webapp.db import db_session, utcnow
 from webapp.errors import Problem
@@ -177,9 +176,7 @@ def create_meter_top_up(meter_code: str):
         currency = topup.meter_currency(meter)
         if e.code == "wrong_currency":
             raise Problem(422, "wrong_currency", _("This meter is topped up in %(currency)s.", currency=currency), extra={"currency": currency}) from None
-        lo, hi = e.params["minimum"], e.params["maximum"]
-        raise Problem(422, "amount_out_of_range", _("A top-up must be between %(minimum)s and %(maximum)s.", minimum=_fmt(lo), maximum=_fmt(hi)),
-                      extra={"minimum": lo.as_json(), "maximum": hi.as_json()}) from None
+        raise _out_of_range(e.params) from None
     user = g.api_user
     s = db_session()
     if kind == "wallet":
@@ -199,33 +196,14 @@ def create_meter_top_up(meter_code: str):
         return resp
 
     provider = _provider()
-    card = next((c for c in _customer_cards(provider) if c.id == pm_id), None)
-    if card is None:
-        raise Problem(422, "unknown_payment_method", _("That card is not one of your saved cards. Add it first, or choose another."))
+    card = _saved_card(provider, pm_id)
     s = db_session()
     meter = _meter_or_404(meter_code)  # the transaction was ended for the provider call
     row = topup.start_meter_top_up(s, meter=meter, owner=user.owner, email=user.email, amount=amount, payment_method_id=card.id,
                                    customer_id=wallet_mod.known_customer_id(s, user.owner))
     row.card_brand, row.card_last4 = card.brand, card.last4
     s.commit()
-    effect_started()  # from here on, a retry with the same key must see this answer, never a second payment
-    try:
-        cards.submit(s, provider, row)
-    except CardDeclined as e:
-        s.commit()
-        raise Problem(402, "card_declined", _("Your card was declined. Try another card or contact your bank."),
-                      extra={"decline_reason": e.reason, "top_up_id": row.id}) from None
-    except ProviderUnavailable:
-        s.commit()
-        raise _unavailable(top_up_id=row.id) from None
-    except InvalidRequest:
-        s.commit()
-        raise Problem(402, "payment_failed", _("The payment could not be made with this card. Try another card."), extra={"top_up_id": row.id}) from None
-    except ProviderError:
-        s.commit()
-        raise Problem(502, "provider_error", _("The card payment service could not take the payment. Please try again later."),
-                      extra={"top_up_id": row.id}) from None
-    s.commit()
+    _submit(s, provider, row)
     resp = jsonify(top_up_json(row, meter.meter_code, _client_secret(provider, row, required=False)))
     resp.status_code = 201
     return resp
@@ -244,10 +222,7 @@ def _own_top_up(meter_code: str, top_up_id: int) -> CardPayment:
 def get_meter_top_up(meter_code: str, top_up_id: int):
     """One of the account's card top-ups of this meter."""
     row = _own_top_up(meter_code, top_up_id)
-    secret = None
-    if row.state == State.REQUIRES_ACTION:
-        _end_transaction()
-        secret = _client_secret(_provider(), row, required=True)
+    secret = _pending_client_secret(row)
     return jsonify(top_up_json(row, _meter_or_404(meter_code).meter_code, secret))
 
 
@@ -260,14 +235,5 @@ def confirm_meter_top_up(meter_code: str, top_up_id: int):
     code = _meter_or_404(meter_code).meter_code
     if row.provider_payment_id is None or row.state in cards.FINAL:
         return jsonify(top_up_json(row, code))
-    _end_transaction()
-    with _calling_provider(top_up_id=row.id):
-        try:
-            current = provider.retrieve(payment_id=row.provider_payment_id)
-        except InvalidRequest:
-            raise ProviderError("the provider does not know this payment") from None
-    s = db_session()
-    row = cards.lock(s, row.id)  # the webhook may report the same payment at the same moment
-    cards.apply(s, row, current)
-    s.commit()
-    return jsonify(top_up_json(row, code, current.client_secret))
+    row, client_secret = _confirm(provider, row)
+    return jsonify(top_up_json(row, code, client_secret))

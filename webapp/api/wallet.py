@@ -33,6 +33,7 @@ from flask_babel import get_locale
 from flask_babel import gettext as _
 from flask_babel import lazy_gettext as _l
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 from werkzeug.routing import BaseConverter
 
 from payments import cards
@@ -41,7 +42,7 @@ from payments import wallet
 from payments.cards import CardPayment, Purpose, State
 from payments.ledger import AccountKind, LedgerAccount, statement
 from payments.money import Money, MoneyError
-from payments.providers.base import Card, CardDeclined, InvalidRequest, PaymentProvider, ProviderError, ProviderUnavailable
+from payments.providers.base import Card, CardDeclined, InvalidRequest, Payment, PaymentProvider, ProviderError, ProviderUnavailable
 from webapp.api import bp, invalid, is_text, json_body, no_content, token_required
 from webapp.api.idempotency import effect_started, idempotent
 from webapp.db import db_session
@@ -162,6 +163,15 @@ def top_up_json(row: CardPayment, client_secret: str | None = None) -> dict:
     return out
 
 
+def _retrieve(provider: PaymentProvider, row: CardPayment) -> Payment:
+    """Where the provider says the card payment stands (a payment it does not know is its error: 502)."""
+    with _calling_provider(top_up_id=row.id):
+        try:
+            return provider.retrieve(payment_id=row.provider_payment_id)
+        except InvalidRequest:
+            raise ProviderError("the provider does not know this payment") from None
+
+
 def _client_secret(provider: PaymentProvider, row: CardPayment, *, required: bool) -> str | None:
     """The secret the client needs for 3-D Secure (asked from the provider: we do not store it).
 
@@ -171,15 +181,69 @@ def _client_secret(provider: PaymentProvider, row: CardPayment, *, required: boo
     if row.state != State.REQUIRES_ACTION or row.provider_payment_id is None:
         return None
     try:
-        with _calling_provider(top_up_id=row.id):
-            try:
-                return provider.retrieve(payment_id=row.provider_payment_id).client_secret
-            except InvalidRequest:
-                raise ProviderError("the provider does not know this payment") from None
+        return _retrieve(provider, row).client_secret
     except Problem:
         if required:
             raise
         return None
+
+
+def _pending_client_secret(row: CardPayment) -> str | None:
+    """While 3-D Secure is pending, the client secret (503 when the provider does not answer); else None."""
+    if row.state != State.REQUIRES_ACTION:
+        return None
+    _end_transaction()
+    return _client_secret(_provider(), row, required=True)
+
+
+def _saved_card(provider: PaymentProvider, payment_method_id: str) -> Card:
+    """One of the signed-in person's saved cards, else a 422 problem."""
+    card = next((c for c in _customer_cards(provider) if c.id == payment_method_id), None)
+    if card is None:
+        raise Problem(422, "unknown_payment_method", _("That card is not one of your saved cards. Add it first, or choose another."))
+    return card
+
+
+def _out_of_range(params: dict) -> Problem:
+    """422: a top-up amount outside the limits, which the problem carries."""
+    lo, hi = params["minimum"], params["maximum"]
+    return Problem(
+        422, "amount_out_of_range", _("A top-up must be between %(minimum)s and %(maximum)s.", minimum=_fmt(lo), maximum=_fmt(hi)),
+        extra={"minimum": lo.as_json(), "maximum": hi.as_json()},
+    )
+
+
+def _submit(s: Session, provider: PaymentProvider, row: CardPayment) -> None:
+    """Charge a recorded and committed card top-up; a decline, refusal or outage is a problem naming the top-up."""
+    effect_started()  # from here on, a retry with the same key must see this answer, never a second payment
+    try:
+        cards.submit(s, provider, row)
+    except CardDeclined as e:
+        s.commit()
+        raise Problem(402, "card_declined", _("Your card was declined. Try another card or contact your bank."),
+                      extra={"decline_reason": e.reason, "top_up_id": row.id}) from None
+    except ProviderUnavailable:
+        s.commit()
+        raise _unavailable(top_up_id=row.id) from None
+    except InvalidRequest:
+        s.commit()  # the record is failed: the provider refused the payment itself
+        raise Problem(402, "payment_failed", _("The payment could not be made with this card. Try another card."), extra={"top_up_id": row.id}) from None
+    except ProviderError:
+        s.commit()  # left for the reconciliation job
+        raise Problem(502, "provider_error", _("The card payment service could not take the payment. Please try again later."),
+                      extra={"top_up_id": row.id}) from None
+    s.commit()
+
+
+def _confirm(provider: PaymentProvider, row: CardPayment) -> tuple[CardPayment, str | None]:
+    """After 3-D Secure in the client: record where the provider says the payment stands (once); the row and its client secret."""
+    _end_transaction()
+    current = _retrieve(provider, row)
+    s = db_session()
+    row = cards.lock(s, row.id)  # the webhook may report the same payment at the same moment
+    cards.apply(s, row, current)
+    s.commit()
+    return row, current.client_secret
 
 
 def _own_top_up(top_up_id: int) -> CardPayment:
@@ -262,14 +326,8 @@ def create_top_up():
         if e.code == "wrong_currency":
             raise Problem(422, "wrong_currency", _("Your wallet is in %(currency)s: top up in %(currency)s.", currency=user.currency),
                           extra={"currency": user.currency}) from None
-        lo, hi = e.params["minimum"], e.params["maximum"]
-        raise Problem(
-            422, "amount_out_of_range", _("A top-up must be between %(minimum)s and %(maximum)s.", minimum=_fmt(lo), maximum=_fmt(hi)),
-            extra={"minimum": lo.as_json(), "maximum": hi.as_json()},
-        ) from None
-    card = next((c for c in _customer_cards(provider) if c.id == pm_id), None)
-    if card is None:
-        raise Problem(422, "unknown_payment_method", _("That card is not one of your saved cards. Add it first, or choose another."))
+        raise _out_of_range(e.params) from None
+    card = _saved_card(provider, pm_id)
 
     s = db_session()
     row = wallet.start_top_up(
@@ -277,24 +335,7 @@ def create_top_up():
     )
     row.card_brand, row.card_last4 = card.brand, card.last4
     s.commit()
-    effect_started()  # from here on, a retry with the same key must see this answer, never a second payment
-    try:
-        cards.submit(s, provider, row)
-    except CardDeclined as e:
-        s.commit()
-        raise Problem(402, "card_declined", _("Your card was declined. Try another card or contact your bank."),
-                      extra={"decline_reason": e.reason, "top_up_id": row.id}) from None
-    except ProviderUnavailable:
-        s.commit()
-        raise _unavailable(top_up_id=row.id) from None
-    except InvalidRequest:
-        s.commit()  # the record is failed: the provider refused the payment itself
-        raise Problem(402, "payment_failed", _("The payment could not be made with this card. Try another card."), extra={"top_up_id": row.id}) from None
-    except ProviderError:
-        s.commit()  # left for the reconciliation job
-        raise Problem(502, "provider_error", _("The card payment service could not take the payment. Please try again later."),
-                      extra={"top_up_id": row.id}) from None
-    s.commit()
+    _submit(s, provider, row)
     resp = jsonify(top_up_json(row, _client_secret(provider, row, required=False)))
     resp.status_code = 201
     return resp
@@ -305,11 +346,7 @@ def create_top_up():
 def get_top_up(top_up_id: int):
     """One of the person's top-ups (another person's: 404)."""
     row = _own_top_up(top_up_id)
-    secret = None
-    if row.state == State.REQUIRES_ACTION:
-        _end_transaction()
-        secret = _client_secret(_provider(), row, required=True)
-    return jsonify(top_up_json(row, secret))
+    return jsonify(top_up_json(row, _pending_client_secret(row)))
 
 
 @bp.route(f"/wallet/top-ups/<int(max={MAX_ID}):top_up_id>/confirm", methods=["POST"])
@@ -320,17 +357,8 @@ def confirm_top_up(top_up_id: int):
     row = _own_top_up(top_up_id)
     if row.provider_payment_id is None or row.state in cards.FINAL:
         return jsonify(top_up_json(row))
-    _end_transaction()
-    with _calling_provider(top_up_id=row.id):
-        try:
-            current = provider.retrieve(payment_id=row.provider_payment_id)
-        except InvalidRequest:
-            raise ProviderError("the provider does not know this payment") from None
-    s = db_session()
-    row = cards.lock(s, row.id)  # the webhook may report the same payment at the same moment
-    cards.apply(s, row, current)
-    s.commit()
-    return jsonify(top_up_json(row, current.client_secret))
+    row, client_secret = _confirm(provider, row)
+    return jsonify(top_up_json(row, client_secret))
 
 
 @bp.route("/wallet/transactions", methods=["GET"])

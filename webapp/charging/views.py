@@ -43,15 +43,15 @@ from sqlalchemy import select
 from wtforms import DateField, EmailField, StringField
 from wtforms.validators import DataRequired, Email, Length, Regexp
 
-from payments import cards
 from payments import wallet as wallet_mod
 from payments.money import Money, MoneyError, to_minor
 from payments.money import format as format_money
 from payments.money import parse as parse_money
 from payments.price_display import price_display
-from payments.providers.base import Card, InvalidRequest, PaymentProvider, PaymentStatus, ProviderError
+from payments.providers.base import Card, InvalidRequest, PaymentProvider, ProviderError
 from payments.tariff_store import loads
 from webapp.api.connectors import CODE, find_connector
+from webapp import cardflow
 from webapp.auth.forms import normalize_email
 from webapp.charging import bp, notify, page_cache, service
 from webapp.charging.models import ENDED_STATES, ChargingSession, PaymentKind, SessionState
@@ -90,11 +90,6 @@ STATUS_OF = {"connector_busy": 409, "charger_offline": 409, "connector_faulted":
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-def _provider() -> PaymentProvider | None:
-    """The configured payment provider, or None when card payments are off."""
-    return current_app.extensions.get("payment_provider")
 
 
 def _gateway() -> service.Gateway | None:
@@ -345,31 +340,9 @@ def cap_message(code: str, params: dict, currency: str) -> str:
     return _("Enter the spending cap as an amount in %(currency)s, for example %(example)s.", currency=currency, example=example)
 
 
-EMAIL_RE = re.compile(r"[^@\s]{1,64}@[^@\s]+\.[^@\s]+")
-
-
 def email_problem(email: str) -> str | None:
     """Why a guest's email cannot be used, or None."""
-    if not email:
-        return _("Enter your email address: we send your receipt and the link to your session there.")
-    if len(email) > 254 or not EMAIL_RE.fullmatch(email):
-        return _("Enter an email address like name@example.com.")
-    return None
-
-
-def _saved_cards(provider: PaymentProvider | None) -> tuple[list[Card], str | None, str | None]:
-    """The signed-in driver's saved cards, their provider customer id, and why they could not be loaded."""
-    user = _user()
-    if provider is None or user is None:
-        return [], None, None
-    customer_id = wallet_mod.known_customer_id(db_session(), user.owner)
-    if customer_id is None:
-        return [], None, None
-    try:
-        return provider.list_cards(customer_id=customer_id), customer_id, None
-    except ProviderError:
-        log.warning("could not list cards", exc_info=True)
-        return [], customer_id, _("We cannot load your saved cards right now. You can still pay with a new card or your wallet.")
+    return cardflow.email_problem(email, _("Enter your email address: we send your receipt and the link to your session there."))
 
 
 def _hold_limits_text(q: service.Quote) -> str:
@@ -386,7 +359,7 @@ def _connector_page(connector: Connector, form: StartForm | None = None, status:
     form = form or StartForm()
     now = utcnow()
     user = _user()
-    provider = _provider()
+    provider = cardflow.payment_provider()
     site = connector.charger.site
     state = service.availability(s, connector)
     q = None
@@ -408,16 +381,10 @@ def _connector_page(connector: Connector, form: StartForm | None = None, status:
                 wallet_state = "empty"
             elif q is not None and balance < q.hold:
                 wallet_state = "low"
-    saved, _customer, cards_notice = _saved_cards(provider)
+    saved = cardflow.saved_cards(provider, user.owner if user is not None else None, log, cardflow.CARDS_NOT_LOADED_OTHER_WAYS)
     if user is not None:
-        ids = {c.id for c in saved}
-        if form.payment == "new" and form.new_payment_method_id in ids:
-            form.payment = form.new_payment_method_id  # the card typed before the error is saved now: no retyping
-        if not form.payment or (form.payment not in ("wallet", "new") and form.payment not in ids):
-            if wallet_state is None:
-                form.payment = "wallet"
-            else:
-                form.payment = saved[0].id if saved else ("new" if provider is not None else "wallet")
+        fallback = "wallet" if wallet_state is None else (saved.cards[0].id if saved.cards else ("new" if provider is not None else "wallet"))
+        form.payment = cardflow.preselected(form.payment, form.new_payment_method_id, saved, fallback, ("wallet", "new"))
     else:
         form.payment = "card"
     can_start = state == "available" and q is not None and _gateway() is not None
@@ -437,13 +404,12 @@ def _connector_page(connector: Connector, form: StartForm | None = None, status:
         user=user,
         balance=balance,
         wallet_state=wallet_state,
-        saved_cards=saved,
+        saved_cards=saved.cards,
         provider=provider,
-        notice=notice or cards_notice,
+        notice=notice or saved.notice,
         decline_help=DECLINE_HELP if decline_help else None,
         failure_code=failure_code,  # the help link's section of card-problems
-        stripe_js_url=current_app.config.get("STRIPE_JS_URL", ""),
-        publishable_key=provider.publishable_key if provider else "",
+        **cardflow.card_entry_context(provider),
     ), status
 
 
@@ -493,7 +459,7 @@ def guest_card(connector_code: str):
     """JSON for charging.js: a SetupIntent for a guest's card (the browser hands the card to Stripe with it)."""
     if find_connector(connector_code) is None:
         return _json_problem(404, "connector_not_found", _("There is no charging point with this code."))
-    provider = _provider()
+    provider = cardflow.payment_provider()
     if provider is None:
         return _json_problem(503, "payments_unavailable", start_error_message("payments_unavailable", {}))
     body = request.get_json(silent=True)
@@ -579,7 +545,7 @@ def start(connector_code: str):
         return redirect(url_for("charging.session_page", session_id=mine.id))
     s = db_session()
     form = StartForm.from_request()
-    provider = _provider()
+    provider = cardflow.payment_provider()
     gateway = _gateway()
     user = _user()
     site = connector.charger.site
@@ -617,12 +583,12 @@ def start(connector_code: str):
             chosen = form.new_payment_method_id if form.payment == "new" else form.payment
             if not chosen:
                 raise ChargingError("payment_method_required", "choose a card")
-            saved, customer_id, cards_notice = _saved_cards(provider)
-            if cards_notice:
-                return _provider_down_page(connector)
-            card = next((c for c in saved if c.id == chosen), None)
-            if card is None:
-                form.errors["payment"] = _("That card is not one of your saved cards. Choose another card.")
+            try:
+                card, customer_id = cardflow.choose_saved_card(provider, user.owner, chosen, log)
+            except cardflow.CardChoiceError as e:
+                if e.status == 503:
+                    return _provider_down_page(connector)
+                form.errors["payment"] = e.message
                 return _connector_page(connector, form, 400)
             req.payment_method_id, req.customer_id, req.card_brand, req.card_last4 = card.id, customer_id, card.brand, card.last4
         result = service.start_session(s, provider, gateway, req, now=utcnow(), on_opened=link)
@@ -763,18 +729,10 @@ def session_page(session_id: int):
         return redirect(url_for("charging.session_page", session_id=session_id, **args))
     cs = _own_session(session_id)
     now = utcnow()
-    provider = _provider()
-    client_secret = None
-    notice = None
-    row = cs.card_payment
-    if cs.state == SessionState.PENDING and row is not None and row.state == cards.State.REQUIRES_ACTION and provider and row.provider_payment_id:
-        try:
-            current = provider.retrieve(payment_id=row.provider_payment_id)
-        except ProviderError:
-            notice = _("We cannot reach our card processor right now. Please check again in a minute.")
-        else:
-            if current.status == PaymentStatus.REQUIRES_ACTION:
-                client_secret = current.client_secret
+    provider = cardflow.payment_provider()
+    client_secret = notice = None
+    if cs.state == SessionState.PENDING and cs.card_payment is not None:
+        client_secret, notice = cardflow.pending_action(provider, cs.card_payment)
     connector = cs.connector
     printing = bool(request.args.get("print")) and cs.state == SessionState.COMPLETED
     template = "charging/receipt.html" if printing else "charging/session.html"
@@ -800,8 +758,7 @@ def session_page(session_id: int):
         client_secret=client_secret,
         notice=notice,
         poll_seconds=POLL_SECONDS,
-        stripe_js_url=current_app.config.get("STRIPE_JS_URL", ""),
-        publishable_key=provider.publishable_key if provider else "",
+        **cardflow.card_entry_context(provider),
     )
 
 
@@ -818,7 +775,7 @@ def live_json(session_id: int):
 def confirm(session_id: int):
     """After 3-D Secure in the browser (or "check again"): check the hold with the provider, then start the charger."""
     cs = _own_session(session_id)
-    provider = _provider()
+    provider = cardflow.payment_provider()
     gateway = _gateway()
     if provider is None or gateway is None:
         flash(_("We cannot reach our card processor right now. Please check again in a minute."), "warning")
@@ -844,7 +801,7 @@ def stop(session_id: int):
         flash(stop_error_message("charger_not_answering"), "error")
         return redirect(url_for("charging.session_page", session_id=session_id))
     try:
-        cs = service.request_stop(s, gateway, _provider(), cs, by="driver", now=utcnow())
+        cs = service.request_stop(s, gateway, cardflow.payment_provider(), cs, by="driver", now=utcnow())
     except ChargingError as e:
         s.rollback()
         flash(stop_error_message(e.code), "error")

@@ -18,7 +18,7 @@ from email.message import EmailMessage
 
 from babel.dates import format_date
 from babel.numbers import format_decimal
-from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
+from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 from flask_babel import get_locale
 from flask_babel import gettext as _
 from flask_babel import lazy_gettext as _l
@@ -26,13 +26,14 @@ from flask_login import current_user, login_required
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from payments import cards, wallet
+from payments import wallet
 from payments.cards import CardPayment, Purpose, State
 from payments.invoicing import Document
 from payments.ledger import InsufficientFunds
 from payments.money import Money
 from payments.money import format as format_money
-from payments.providers.base import PaymentProvider, PaymentStatus, ProviderError, ProviderUnavailable
+from payments.providers.base import ProviderUnavailable
+from webapp import cardflow
 from webapp.db import db_session, utcnow
 from webapp.extensions import limiter
 from webapp.meters import bills as service
@@ -68,10 +69,6 @@ LINE_LABELS = {
     "line_loss": _l("Share of the line loss"),
     "fee": _l("Monthly fee"),
 }
-
-
-def _provider() -> PaymentProvider | None:
-    return current_app.extensions.get("payment_provider")
 
 
 def _locale() -> str:
@@ -134,28 +131,15 @@ def _explain(share: dict, currency: str) -> str:
              amount=_money(share["amount"], currency))
 
 
-def _saved_cards(provider: PaymentProvider | None):
-    if provider is None:
-        return [], None
-    customer_id = wallet.known_customer_id(db_session(), current_user.owner)
-    if customer_id is None:
-        return [], None
-    try:
-        return provider.list_cards(customer_id=customer_id), None
-    except ProviderError:
-        log.warning("could not list cards", exc_info=True)
-        return [], _("We cannot load your saved cards right now. Please try again in a minute.")
-
-
 def _bill_page(bill: Bill, tenant: Tenant, *, error: str | None = None, choice: str = "", status: int = 200):
     s = db_session()
-    provider = _provider()
+    provider = cardflow.payment_provider()
     facts = service.bill_facts(bill)
     doc = s.get(Document, bill.document_id) if bill.document_id else None
-    saved, notice = _saved_cards(provider) if bill.state is BillState.ISSUED else ([], None)
+    saved = cardflow.saved_cards(provider, current_user.owner, log) if bill.state is BillState.ISSUED else cardflow.SavedCards()
     balance = wallet.wallet_balance(s, current_user.owner, bill.currency) if bill.state is BillState.ISSUED else None
     payment = service.bill_payment(s, bill)
-    choice = choice or (saved[0].id if saved else ("wallet" if balance and balance.amount >= bill.total_minor else "new"))
+    choice = choice or (saved.cards[0].id if saved.cards else ("wallet" if balance and balance.amount >= bill.total_minor else "new"))
     lines = [{**ln, "label": str(LINE_LABELS.get(ln["kind"], ln["kind"])), "amount": _money(ln["net"], bill.currency),
               "quantity_text": _kwh(ln["quantity"]) if ln.get("quantity") else ""} for ln in facts.get("lines", [])]
     return render_template(
@@ -163,8 +147,8 @@ def _bill_page(bill: Bill, tenant: Tenant, *, error: str | None = None, choice: 
         shares=[{**sh, "text": _explain(sh, bill.currency)} for sh in facts.get("shares", [])],
         net=_money(bill.total_minor - bill.vat_minor, bill.currency), vat=_money(bill.vat_minor, bill.currency),
         paid_at=bill.paid_at, payment=payment if payment is not None and payment.state is State.SUCCEEDED else None,
-        saved_cards=saved, wallet_balance=balance, choice=choice, provider=provider, error=error, notice=notice,
-        stripe_js_url=current_app.config["STRIPE_JS_URL"], publishable_key=provider.publishable_key if provider else "",
+        saved_cards=saved.cards, wallet_balance=balance, choice=choice, provider=provider, error=error, notice=saved.notice,
+        **cardflow.card_entry_context(provider),
     ), status
 
 
@@ -233,20 +217,17 @@ def pay(bill_id: int):
         s.commit()
         flash(_("Thank you: the bill is paid from your wallet."), "success")
         return redirect(url_for("bills.bill_page", bill_id=bill.id))
-    provider = _provider()
+    provider = cardflow.payment_provider()
     if provider is None:
         return _bill_page(bill, tenant, error=_("Card payments are not available right now. Please try again later."), status=503)
     payment_method_id = request.form.get("new_payment_method_id", "")[:255] if choice == "new" else choice
-    if not payment_method_id:
-        return _bill_page(bill, tenant, error=_("Choose a card, or enter a new one."), choice=choice, status=400)
-    saved, notice = _saved_cards(provider)
-    if notice:
-        return _bill_page(bill, tenant, error=_("We cannot reach our card processor right now, so nothing was charged. "
-                                                "Please try again in a few minutes."), status=503)
-    if payment_method_id not in {c.id for c in saved}:
-        return _bill_page(bill, tenant, error=_("That card is not one of your saved cards. Choose another card."), status=400)
     try:
-        row = service.start_card_payment(s, provider, bill.id, current_user, payment_method_id)
+        card, _customer_id = cardflow.choose_saved_card(provider, current_user.owner, payment_method_id, log)
+    except cardflow.CardChoiceError as e:
+        # The form keeps its choice only when no card was chosen; a refused card is not preselected again.
+        return _bill_page(bill, tenant, error=e.message, choice=choice if not payment_method_id else "", status=e.status)
+    try:
+        row = service.start_card_payment(s, provider, bill.id, current_user, card.id)
     except service.BillError as e:
         s.rollback()
         return _bill_page(bill, tenant, error=_refusal(e.code), status=409)
@@ -255,11 +236,7 @@ def pay(bill_id: int):
         return _bill_page(bill, tenant, error=_("We cannot reach our card processor right now, so nothing was charged. "
                                                 "Please try again in a few minutes."), status=503)
     s.commit()  # our record exists before the provider hears of it (payments/cards.py)
-    try:
-        cards.submit(s, provider, row)
-    except ProviderError as e:
-        log.info("bill payment not completed", extra={"card_payment": row.id, "reason": e.code})
-    s.commit()
+    cardflow.submit(s, provider, row, log, "bill payment not completed")
     return redirect(url_for("bills.payment_status", bill_id=bill.id, payment_id=row.id))
 
 
@@ -284,22 +261,7 @@ def payment_status(bill_id: int, payment_id: int):
     """A card payment of the bill: paid, failed (and why), or waiting (3-D Secure runs here)."""
     bill, tenant = _own_bill(bill_id)
     row = _own_payment(bill, payment_id)
-    provider = _provider()
-    client_secret = notice = None
-    if row.state is State.REQUIRES_ACTION and provider is not None and row.provider_payment_id:
-        try:
-            current = provider.retrieve(payment_id=row.provider_payment_id)
-        except ProviderError:
-            notice = _("We cannot reach our card processor right now. Please check again in a minute.")
-        else:
-            if current.status == PaymentStatus.REQUIRES_ACTION:
-                client_secret = current.client_secret
-    from webapp.wallet.views import failure_message
-
-    return render_template("bills/payment.html", **_summary(bill, tenant), row=row, state=row.state.value,
-                           failure=failure_message(row.failure_code) if row.state is State.FAILED else None,
-                           client_secret=client_secret, notice=notice, stripe_js_url=current_app.config["STRIPE_JS_URL"],
-                           publishable_key=provider.publishable_key if provider else "")
+    return render_template("bills/payment.html", **_summary(bill, tenant), **cardflow.result_context(row))
 
 
 @bp.route("/bills/<int(max=2147483647):bill_id>/payments/<int(max=2147483647):payment_id>/confirm", methods=["POST"])
@@ -308,19 +270,7 @@ def confirm_payment(bill_id: int, payment_id: int):
     """After 3-D Secure in the browser (or "check again"): ask the provider and record the answer."""
     bill, _tenant = _own_bill(bill_id)
     row = _own_payment(bill, payment_id)
-    provider = _provider()
-    if provider is None:
-        abort(503)
-    s = db_session()
-    row = cards.lock(s, row.id)
-    try:
-        cards.refresh(s, provider, row)
-    except ProviderError:
-        s.rollback()
-        flash(_("We cannot reach our card processor right now. Please check again in a minute."), "warning")
-    else:
-        s.commit()
-    return redirect(url_for("bills.payment_status", bill_id=bill_id, payment_id=payment_id))
+    return cardflow.confirm(row, url_for("bills.payment_status", bill_id=bill_id, payment_id=payment_id))
 
 
 # --------------------------------------------------------------------------- closing statement and bank transfers

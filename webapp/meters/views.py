@@ -3,7 +3,8 @@
 Views stay thin: they read the form, call ``webapp.meters.topup`` (and
 ``payments``) with the request's session and the provider, commit, and
 redirect (post/redirect/get). The card element, saved cards and 3-D Secure
-are the wallet's (``static/js/card.js``, ``templates/wallet/_card_entry.html``).
+are the shared card flow's (``webapp/cardflow.py``, ``templates/_card_flow.html``,
+``static/js/cardflow.js``).
 
 Who sees what on ``/m/<code>`` (anyone may scan or type a code, and codes
 are short, so they can be guessed):
@@ -48,15 +49,16 @@ from flask_babel import lazy_gettext as _l
 from flask_login import current_user, login_required
 from sqlalchemy import select
 
-from payments import cards, ledger
+from payments import ledger
 from payments import wallet as wallet_mod
 from payments.cards import CardPayment, Purpose, State
 from payments.metering import MeterTariffError, band_at, compile_tariff, next_change
-from payments.money import Money, MoneyError, check_currency, exponent
+from payments.money import Money, MoneyError, check_currency
 from payments.money import format as format_money
 from payments.money import parse as parse_money
-from payments.providers.base import Card, InvalidRequest, PaymentProvider, PaymentStatus, ProviderError
+from payments.providers.base import Card, ProviderError
 from payments.tariff_store import loads
+from webapp import cardflow
 from webapp.auth.forms import normalize_email
 from webapp.db import db_session, utcnow
 from webapp.errors import problem_response
@@ -80,7 +82,6 @@ CHART_DAYS = 30
 ESTIMATE_DAYS = 14  # days-left estimate: the average daily cost of this many days
 HISTORY_PAGE = 20
 INTERVALS_SHOWN = 50
-EMAIL_RE = re.compile(r"[^@\s]{1,64}@[^@\s]+\.[^@\s]+")
 
 # The ledger stores English descriptions; people read them in their language.
 ENTRY_LABELS = {
@@ -105,11 +106,6 @@ RELAY = {  # Meter.relay_state → (key, what the tenant reads)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-def _provider() -> PaymentProvider | None:
-    """The configured payment provider, or None when card payments are off."""
-    return current_app.extensions.get("payment_provider")
 
 
 def _locale() -> str:
@@ -170,11 +166,6 @@ def band_text(band: str) -> str:
         return _("Tier %(number)s", number=band[4:])
     label = BAND_LABELS.get(band)
     return str(label) if label is not None else band
-
-
-def _major_units_text(money: Money) -> str:
-    digits = exponent(money.currency)
-    return format_decimal(money.to_decimal(), format="0." + "0" * digits if digits else "0", locale=_locale())
 
 
 @bp.app_template_filter("meter_money")
@@ -421,21 +412,9 @@ def meter_status(meter: Meter, user, now: dt.datetime) -> MeterStatus:
 
 def amount_message(code: str, params: dict, currency: str) -> str:
     """The message next to the amount field for a MoneyError or top-up error ``code``."""
-    if code == "empty":
-        return _("Choose an amount or enter one.")
-    if code == "negative":
-        return _("The amount cannot be negative.")
-    if code == "too_many_decimals":
-        return _("Use at most %(decimals)s decimals.", decimals=params.get("decimals", 2))
-    if code == "not_a_number":
-        return _("Enter the amount as a number, for example %(example)s.", example=_major_units_text(Money(1250, currency)))
     if code in ("wrong_currency", "currency_mismatch", "unknown_currency"):
         return _("This meter is topped up in %(currency)s. Reload the page and top up in %(currency)s.", currency=currency)
-    if code == "amount_out_of_range":
-        return _("Top-ups are between %(minimum)s and %(maximum)s.", minimum=money_text(params["minimum"]), maximum=money_text(params["maximum"]))
-    if code == "not_a_preset":
-        return _("Choose one of the amounts shown, or enter another amount.")
-    return _("Enter a valid amount.")
+    return cardflow.amount_message(code, params, currency)
 
 
 def refusal_message(code: str) -> str:
@@ -449,11 +428,7 @@ def refusal_message(code: str) -> str:
 
 def email_problem(email: str) -> str | None:
     """Why a guest's email cannot be used, or None."""
-    if not email:
-        return _("Enter your email address: we send the receipt there.")
-    if len(email) > 254 or not EMAIL_RE.fullmatch(email):
-        return _("Enter an email address like name@example.com.")
-    return None
+    return cardflow.email_problem(email, _("Enter your email address: we send the receipt there."))
 
 
 @dataclass
@@ -500,21 +475,6 @@ class TopUpForm:
         return amount
 
 
-def _saved_cards(provider: PaymentProvider | None) -> tuple[list[Card], str | None]:
-    """The signed-in person's saved cards (default first) and, when they could not be loaded, why."""
-    user = _user()
-    if provider is None or user is None:
-        return [], None
-    customer_id = wallet_mod.known_customer_id(db_session(), user.owner)
-    if customer_id is None:
-        return [], None
-    try:
-        return provider.list_cards(customer_id=customer_id), None
-    except ProviderError:
-        log.warning("could not list cards", exc_info=True)
-        return [], _("We cannot load your saved cards right now. You can still pay with a new card or your wallet.")
-
-
 def _wallet_choice(meter: Meter) -> tuple[Money | None, str | None]:
     """The signed-in person's wallet balance and why it cannot pay this meter ("currency", "empty"), or (balance, None)."""
     user = _user()
@@ -534,18 +494,15 @@ def _meter_page(meter: Meter, form: TopUpForm | None = None, status: int = 200, 
         form.nonce = secrets.token_urlsafe(18)
     now = utcnow()
     user = _user()
-    provider = _provider()
+    provider = cardflow.payment_provider()
     st = meter_status(meter, user, now)
     tz = _zone(meter.site.time_zone)
     lo, hi, presets = wallet_mod.limits_for(st.currency).money(st.currency)
-    saved, cards_notice = _saved_cards(provider)
+    saved = cardflow.saved_cards(provider, user.owner if user is not None else None, log, cardflow.CARDS_NOT_LOADED_OTHER_WAYS)
     wallet_balance, wallet_state = _wallet_choice(meter)
     if user is not None:
-        ids = {c.id for c in saved}
-        if form.payment_method == "new" and form.new_payment_method_id in ids:
-            form.payment_method = form.new_payment_method_id  # the card typed before the error is saved now: no retyping
-        if not form.payment_method or (form.payment_method not in ("wallet", "new") and form.payment_method not in ids):
-            form.payment_method = saved[0].id if saved else ("new" if provider is not None else "wallet")
+        fallback = saved.cards[0].id if saved.cards else ("new" if provider is not None else "wallet")
+        form.payment_method = cardflow.preselected(form.payment_method, form.new_payment_method_id, saved, fallback, ("wallet", "new"))
     return render_template(
         "meters/meter.html",
         meter=meter,
@@ -560,19 +517,18 @@ def _meter_page(meter: Meter, form: TopUpForm | None = None, status: int = 200, 
         minimum=lo,
         maximum=hi,
         presets=presets,
-        saved_cards=saved,
+        saved_cards=saved.cards,
         wallet_balance=wallet_balance,
         wallet_state=wallet_state,
         provider=provider,
-        notice=notice or cards_notice,
+        notice=notice or saved.notice,
         refusal=refusal_message(st.can_top_up) if st.can_top_up else None,
         bills_url=bills_url(meter.meter_code) if st.tenant_view else None,
         local=lambda value, fmt="medium": local_text(value, tz, fmt),
         price_text=price_text,
         band_text=band_text,
         kwh_text=kwh_text,
-        stripe_js_url=current_app.config.get("STRIPE_JS_URL", ""),
-        publishable_key=provider.publishable_key if provider else "",
+        **cardflow.card_entry_context(provider),
     ), status
 
 
@@ -629,7 +585,7 @@ def top_up(meter_code: str):
         return _unknown_code(meter_code[:64])
     s = db_session()
     user = _user()
-    provider = _provider()
+    provider = cardflow.payment_provider()
     form = TopUpForm.from_request()
     currency = topup.meter_currency(meter)
     refusal = topup.refusal(meter)
@@ -690,17 +646,13 @@ def top_up(meter_code: str):
         owner, email = topup.guest_owner(meter), form.email
     else:
         chosen = form.new_payment_method_id if form.payment_method == "new" else form.payment_method
-        if not chosen:
-            form.errors["payment_method"] = _("Choose a card, or enter a new one.")
+        try:
+            card, customer_id = cardflow.choose_saved_card(provider, user.owner, chosen, log)
+        except cardflow.CardChoiceError as e:
+            if e.status == 503:
+                return _meter_page(meter, form, 503, notice=e.message)
+            form.errors["payment_method"] = e.message
             return _meter_page(meter, form, 400)
-        saved, cards_notice = _saved_cards(provider)
-        if cards_notice:
-            return _meter_page(meter, form, 503, notice=_unavailable_notice())
-        card = next((c for c in saved if c.id == chosen), None)
-        if card is None:
-            form.errors["payment_method"] = _("That card is not one of your saved cards. Choose another card.")
-            return _meter_page(meter, form, 400)
-        customer_id = wallet_mod.known_customer_id(s, user.owner)
         owner, email = user.owner, user.email
 
     row = topup.start_meter_top_up(s, meter=meter, owner=owner, email=email, amount=amount, payment_method_id=card.id,
@@ -709,21 +661,15 @@ def top_up(meter_code: str):
     s.commit()  # our record exists before the provider hears of it (see payments/cards.py)
     if user is None:
         _remember_guest_top_up(row.id)
-    try:
-        cards.submit(s, provider, row)
-    except ProviderError as e:
-        # Declined and refused attempts are recorded as failed; an unanswered one stays for the reconciliation job.
-        log.info("meter top-up not completed", extra={"card_payment": row.id, "reason": e.code})
-    s.commit()
+    cardflow.submit(s, provider, row, log, "meter top-up not completed")
     return redirect(url_for("meters.top_up_status", meter_code=meter.meter_code, payment_id=row.id))
 
 
 def _card_step(meter: Meter, form: TopUpForm, amount: Money, status: int = 200, notice: str | None = None):
     """A guest's second step: the card element for the amount chosen."""
-    provider = _provider()
     return render_template(
         "meters/pay.html", meter=meter, site=meter.site, tenant=meter.tenant, form=form, amount=amount, notice=notice,
-        stripe_js_url=current_app.config.get("STRIPE_JS_URL", ""), publishable_key=provider.publishable_key if provider else "",
+        **cardflow.card_entry_context(cardflow.payment_provider()),
     ), status
 
 
@@ -733,9 +679,9 @@ def guest_card_setup(meter_code: str):
     """JSON for card.js: a SetupIntent for a guest's card (after step 1 made this browser's customer)."""
     if find_meter(meter_code) is None:
         return _json_problem(404, "meter_not_found", _("There is no meter with this code."))
-    provider = _provider()
+    provider = cardflow.payment_provider()
     if provider is None:
-        return _json_problem(503, "payments_unavailable", _("Card payments are not available right now."))
+        return cardflow.payments_unavailable()
     customer_id = session.get(GUEST_CUSTOMER)
     if not customer_id:
         return _json_problem(400, "email_first", _("Enter the amount and your email first."))
@@ -750,21 +696,16 @@ def guest_card_setup(meter_code: str):
 @bp.route("/m/<meter_code>/guest-card/finish", methods=["POST"])
 def guest_card_finish(meter_code: str):
     """JSON for card.js: after the browser confirmed the SetupIntent, the guest's card id."""
-    provider = _provider()
+    provider = cardflow.payment_provider()
     if provider is None:
-        return _json_problem(503, "payments_unavailable", _("Card payments are not available right now."))
-    body = request.get_json(silent=True)
-    setup_id = body.get("setup_id") if isinstance(body, dict) else None
+        return cardflow.payments_unavailable()
+    setup_id = cardflow.posted_setup_id()
     customer_id = session.get(GUEST_CUSTOMER)
-    if not isinstance(setup_id, str) or not setup_id.startswith("seti_") or len(setup_id) > 255 or not customer_id:
-        return _json_problem(400, "invalid_setup", _("Your card could not be saved. Please enter it again."))
-    try:
-        card = provider.finish_card_setup(setup_id=setup_id, customer_id=customer_id)
-    except InvalidRequest:
-        return _json_problem(400, "invalid_setup", _("Your card could not be saved. Please enter it again."))
-    except ProviderError:
-        log.warning("guest card setup could not finish", exc_info=True)
-        return _json_problem(503, "provider_unavailable", _unavailable_notice())
+    if setup_id is None or not customer_id:
+        return cardflow.invalid_setup()
+    card = cardflow.finish_card_setup(provider, setup_id, customer_id, log, "guest card setup could not finish", _unavailable_notice())
+    if not isinstance(card, Card):
+        return card
     return jsonify(payment_method_id=card.id, brand=card.brand, last4=card.last4)
 
 
@@ -784,23 +725,11 @@ def _own_top_up(meter: Meter, payment_id: int) -> CardPayment:
 @bp.route("/m/<meter_code>/top-ups/<int(max=2147483647):payment_id>")
 def top_up_status(meter_code: str, payment_id: int):
     """The result of a card top-up: added, failed (and why), or waiting (3-D Secure runs here)."""
-    from webapp.wallet.views import failure_message
-
     meter = find_meter(meter_code)
     if meter is None:
         abort(404)
     row = _own_top_up(meter, payment_id)
-    provider = _provider()
-    client_secret = None
-    notice = None
-    if row.state == State.REQUIRES_ACTION and provider is not None and row.provider_payment_id:
-        try:
-            current = provider.retrieve(payment_id=row.provider_payment_id)
-        except ProviderError:
-            notice = _("We cannot reach our card processor right now. Please check again in a minute.")
-        else:
-            if current.status == PaymentStatus.REQUIRES_ACTION:
-                client_secret = current.client_secret
+    page = cardflow.result_context(row)
     s = db_session()
     user = _user()
     doc = topup.receipt_of(s, f"card_payment:{row.id}") if row.state == State.SUCCEEDED else None
@@ -808,17 +737,11 @@ def top_up_status(meter_code: str, payment_id: int):
     return render_template(
         "meters/top_up.html",
         meter=meter,
-        row=row,
-        state=row.state.value,
-        failure=failure_message(row.failure_code) if row.state == State.FAILED else None,
         balance=topup.meter_balance(s, meter) if tenant_view else None,
         receipt=doc if doc is not None and user is not None and doc.owner == user.owner else None,
         receipt_number=doc.number if doc is not None else None,
         local=lambda value, fmt="medium": local_text(value, _zone(meter.site.time_zone), fmt),
-        client_secret=client_secret,
-        notice=notice,
-        stripe_js_url=current_app.config.get("STRIPE_JS_URL", ""),
-        publishable_key=provider.publishable_key if provider else "",
+        **page,
     )
 
 
@@ -829,19 +752,7 @@ def confirm_top_up(meter_code: str, payment_id: int):
     if meter is None:
         abort(404)
     row = _own_top_up(meter, payment_id)
-    provider = _provider()
-    if provider is None:
-        abort(503)
-    s = db_session()
-    row = cards.lock(s, row.id)  # the webhook or the job may be recording the same answer right now
-    try:
-        cards.refresh(s, provider, row)
-    except ProviderError:
-        s.rollback()
-        flash(_("We cannot reach our card processor right now. Please check again in a minute."), "warning")
-    else:
-        s.commit()
-    return redirect(url_for("meters.top_up_status", meter_code=meter.meter_code, payment_id=payment_id))
+    return cardflow.confirm(row, url_for("meters.top_up_status", meter_code=meter.meter_code, payment_id=payment_id))
 
 
 # -- routes: the account's meters ----------------------------------------------------------------

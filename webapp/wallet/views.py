@@ -6,19 +6,19 @@ import logging
 import secrets
 from dataclasses import dataclass, field
 
-from babel.numbers import format_decimal
-from flask import abort, current_app, flash, jsonify, redirect, render_template, request, url_for
+from flask import abort, flash, jsonify, redirect, render_template, request, url_for
 from flask_babel import get_locale
 from flask_babel import gettext as _
 from flask_babel import lazy_gettext as _l
 from flask_login import current_user, login_required
 
-from payments import cards, ledger, wallet
-from payments.cards import CardPayment, Purpose, State
-from payments.money import Money, MoneyError, check_currency, exponent
+from payments import ledger, wallet
+from payments.cards import CardPayment, Purpose
+from payments.money import Money, MoneyError, check_currency
 from payments.money import format as format_money
 from payments.money import parse as parse_money
-from payments.providers.base import Card, InvalidRequest, PaymentProvider, PaymentStatus, ProviderError, ProviderUnavailable
+from payments.providers.base import Card, InvalidRequest, PaymentProvider, ProviderError, ProviderUnavailable
+from webapp import cardflow
 from webapp.db import db_session
 from webapp.errors import problem_response
 from webapp.extensions import limiter
@@ -49,11 +49,6 @@ ENTRY_LABELS = {
 # -- helpers ---------------------------------------------------------------------------------------
 
 
-def _provider() -> PaymentProvider | None:
-    """The configured payment provider, or None when card payments are off."""
-    return current_app.extensions.get("payment_provider")
-
-
 def _locale() -> str:
     return str(get_locale() or "en")
 
@@ -71,52 +66,16 @@ def _entry_label(description: str) -> str:
 
 def amount_message(code: str, params: dict) -> str:
     """The message shown next to the amount field for a MoneyError or TopUpError ``code``."""
-    if code == "empty":
-        return _("Choose an amount or enter one.")
-    if code == "negative":
-        return _("The amount cannot be negative.")
-    if code == "too_many_decimals":
-        return _("Use at most %(decimals)s decimals.", decimals=params.get("decimals", 2))
-    if code == "not_a_number":
-        return _("Enter the amount as a number, for example %(example)s.", example=_major_units_text(Money(1250, "EUR")))
     if code == "unknown_currency":
         return _("This currency is not supported.")
     if code in ("wrong_currency", "currency_mismatch"):
         return _("Your wallet is in %(currency)s. Reload the page and top up in %(currency)s.", currency=current_user.currency)
-    if code == "amount_out_of_range":
-        return _("Top-ups are between %(minimum)s and %(maximum)s.", minimum=money_filter(params["minimum"]), maximum=money_filter(params["maximum"]))
-    if code == "not_a_preset":
-        return _("Choose one of the amounts shown, or enter another amount.")
-    return _("Enter a valid amount.")
+    return cardflow.amount_message(code, params, "EUR")
 
 
-def failure_message(code: str | None) -> str:
-    """Why a top-up failed, in words a person can act on."""
-    if code == "payment_intent_authentication_failure":
-        return _("The security check with your bank (3-D Secure) was not completed. Try again, or use another card.")
-    if code == "not_submitted":
-        return _("We could not reach our card processor, so this top-up was cancelled and your card was not charged. Please try again.")
-    if code == "invalid_request":
-        return _("This card cannot be used for this payment. Try another card.")
-    if code == "expired_card":
-        return _("Your card has expired. Try another card.")
-    if code in ("insufficient_funds", "card_velocity_exceeded"):
-        return _("Your card was declined for insufficient funds. Try another card.")
-    return _("Your card was declined. Try another card, or contact your bank.")
-
-
-def _saved_cards(provider: PaymentProvider | None) -> tuple[list[Card], str | None]:
+def _saved_cards(provider: PaymentProvider | None) -> cardflow.SavedCards:
     """The signed-in person's saved cards (default first) and, when they could not be loaded, why."""
-    if provider is None:
-        return [], None
-    customer_id = wallet.known_customer_id(db_session(), current_user.owner)
-    if customer_id is None:
-        return [], None
-    try:
-        return provider.list_cards(customer_id=customer_id), None
-    except ProviderError:
-        log.warning("could not list cards", exc_info=True)
-        return [], _("We cannot load your saved cards right now. Please try again in a minute.")
+    return cardflow.saved_cards(provider, current_user.owner, log)
 
 
 def _own_top_up(payment_id: int) -> CardPayment:
@@ -125,17 +84,6 @@ def _own_top_up(payment_id: int) -> CardPayment:
     if row is None or row.owner != current_user.owner or row.purpose != Purpose.WALLET_TOP_UP:
         abort(404)
     return row
-
-
-def _card_entry_context(provider: PaymentProvider | None) -> dict:
-    """What the card element needs in the page (data-* attributes read by static/js/card.js)."""
-    return {"stripe_js_url": current_app.config["STRIPE_JS_URL"], "publishable_key": provider.publishable_key if provider else ""}
-
-
-def _major_units_text(money: Money) -> str:
-    """``money`` as a person would type it in this language ("12.50", "12,50"), without symbol or grouping."""
-    digits = exponent(money.currency)
-    return format_decimal(money.to_decimal(), format="0." + "0" * digits if digits else "0", locale=_locale())
 
 
 # -- wallet and top-ups ----------------------------------------------------------------------------
@@ -190,14 +138,12 @@ def _wallet_page(form: TopUpForm, status: int = 200, notice: str | None = None):
     """The wallet page with ``form`` as sent (its errors next to the fields), or as first shown."""
     s = db_session()
     user = current_user
-    provider = _provider()
+    provider = cardflow.payment_provider()
     lo, hi, presets = wallet.limits_for(user.currency).money(user.currency)
-    saved, cards_notice = _saved_cards(provider)
-    if form.payment_method == "new" and form.new_payment_method_id in {c.id for c in saved}:
-        form.payment_method = form.new_payment_method_id  # the card typed before the error is saved now: no retyping
-    if not form.payment_method or (form.payment_method != "new" and form.payment_method not in {c.id for c in saved}):
-        # list_cards puts the default first
-        form.payment_method = next((c.id for c in saved if c.id != form.not_card), "new")
+    saved = _saved_cards(provider)
+    # list_cards puts the default first
+    fallback = next((c.id for c in saved.cards if c.id != form.not_card), "new")
+    form.payment_method = cardflow.preselected(form.payment_method, form.new_payment_method_id, saved, fallback)
     return render_template(
         "wallet/index.html",
         form=form,
@@ -207,10 +153,10 @@ def _wallet_page(form: TopUpForm, status: int = 200, notice: str | None = None):
         minimum=lo,
         maximum=hi,
         presets=presets,
-        saved_cards=saved,
+        saved_cards=saved.cards,
         provider=provider,
-        notice=notice or cards_notice,
-        **_card_entry_context(provider),
+        notice=notice or saved.notice,
+        **cardflow.card_entry_context(provider),
     ), status
 
 
@@ -227,7 +173,7 @@ def overview():
         if row.amount in presets:
             form.preset = str(row.amount_minor)
         else:
-            form.preset, form.amount = "other", _major_units_text(row.amount)
+            form.preset, form.amount = "other", cardflow.major_units_text(row.amount)
     return _wallet_page(form)
 
 
@@ -238,7 +184,7 @@ def top_up():
     """Validate the amount and the card, record the top-up, commit, charge the card, commit, show the result."""
     s = db_session()
     user = current_user
-    provider = _provider()
+    provider = cardflow.payment_provider()
     form = TopUpForm.from_request()
     if provider is None:
         return _wallet_page(form, 503)
@@ -246,29 +192,21 @@ def top_up():
     amount = form.read_amount(user.currency, presets)
     if amount is None:
         return _wallet_page(form, 400)
-    payment_method_id = form.chosen_card()
-    if not payment_method_id:
-        form.errors["payment_method"] = _("Choose a card, or enter a new one.")
-        return _wallet_page(form, 400)
-    saved, cards_notice = _saved_cards(provider)
-    if cards_notice:
-        return _wallet_page(form, 503, notice=_("We cannot reach our card processor right now, so nothing was charged. Please try again in a few minutes."))
-    if payment_method_id not in {c.id for c in saved}:
-        form.errors["payment_method"] = _("That card is not one of your saved cards. Choose another card.")
+    try:
+        card, _customer_id = cardflow.choose_saved_card(provider, user.owner, form.chosen_card(), log)
+    except cardflow.CardChoiceError as e:
+        if e.status == 503:
+            return _wallet_page(form, 503, notice=e.message)
+        form.errors["payment_method"] = e.message
         return _wallet_page(form, 400)
 
     try:
-        row = wallet.start_top_up(s, provider, owner=user.owner, email=user.email, amount=amount, payment_method_id=payment_method_id, currency=user.currency)
+        row = wallet.start_top_up(s, provider, owner=user.owner, email=user.email, amount=amount, payment_method_id=card.id, currency=user.currency)
     except ProviderUnavailable:
         s.rollback()
         return _wallet_page(form, 503, notice=_("We cannot reach our card processor right now, so nothing was charged. Please try again in a few minutes."))
     s.commit()  # our record exists before the provider hears of it (see payments/cards.py)
-    try:
-        cards.submit(s, provider, row)
-    except ProviderError as e:
-        # Declined and refused attempts are recorded as failed; an unanswered one stays for the reconciliation job.
-        log.info("top-up not completed", extra={"card_payment": row.id, "reason": e.code})
-    s.commit()
+    cardflow.submit(s, provider, row, log, "top-up not completed")
     return redirect(url_for("wallet.top_up_status", payment_id=row.id))
 
 
@@ -277,28 +215,8 @@ def top_up():
 def top_up_status(payment_id: int):
     """The result of a top-up: added, failed (and why), or waiting (3-D Secure runs here)."""
     row = _own_top_up(payment_id)
-    provider = _provider()
-    client_secret = None
-    notice = None
-    if row.state == State.REQUIRES_ACTION and provider is not None and row.provider_payment_id:
-        try:
-            current = provider.retrieve(payment_id=row.provider_payment_id)
-        except ProviderError:
-            notice = _("We cannot reach our card processor right now. Please check again in a minute.")
-        else:
-            if current.status == PaymentStatus.REQUIRES_ACTION:
-                client_secret = current.client_secret
-    s = db_session()
-    return render_template(
-        "wallet/top_up.html",
-        row=row,
-        state=row.state.value,
-        failure=failure_message(row.failure_code) if row.state == State.FAILED else None,
-        balance=wallet.wallet_balance(s, current_user.owner, row.currency),
-        client_secret=client_secret,
-        notice=notice,
-        **_card_entry_context(provider),
-    )
+    page = cardflow.result_context(row)
+    return render_template("wallet/top_up.html", balance=wallet.wallet_balance(db_session(), current_user.owner, row.currency), **page)
 
 
 @bp.route("/top-ups/<int:payment_id>/confirm", methods=["POST"])
@@ -306,40 +224,24 @@ def top_up_status(payment_id: int):
 def confirm_top_up(payment_id: int):
     """After 3-D Secure in the browser (or "check again"): ask the provider and record the answer."""
     row = _own_top_up(payment_id)
-    provider = _provider()
-    if provider is None:
-        abort(503)
-    s = db_session()
-    row = cards.lock(s, row.id)  # the webhook or the job may be recording the same answer right now
-    try:
-        cards.refresh(s, provider, row)
-    except ProviderError:
-        s.rollback()
-        flash(_("We cannot reach our card processor right now. Please check again in a minute."), "warning")
-    else:
-        s.commit()
-    return redirect(url_for("wallet.top_up_status", payment_id=payment_id))
+    return cardflow.confirm(row, url_for("wallet.top_up_status", payment_id=payment_id))
 
 
 # -- saved cards -----------------------------------------------------------------------------------
 
 
-def _json_problem(status: int, code: str, detail: str):
-    """problem+json for the card element's fetch() calls, whatever the Accept header says."""
-    return problem_response(status, code, detail)
-
-
-def _unavailable_problem():
-    return _json_problem(503, "provider_unavailable", _("We cannot reach our card processor right now. Please try again in a few minutes."))
+def _unavailable_detail() -> str:
+    return _("We cannot reach our card processor right now. Please try again in a few minutes.")
 
 
 @bp.route("/cards")
 @login_required
 def cards_page():
     """Saved cards: default badge, make default, remove, add one."""
-    provider = _provider()
-    saved, notice = _saved_cards(provider)
-    return render_template("wallet/cards.html", saved_cards=saved, provider=provider, notice=notice, **_card_entry_context(provider)), (503 if notice else 200)
+    provider = cardflow.payment_provider()
+    saved = _saved_cards(provider)
+    return (render_template("wallet/cards.html", saved_cards=saved.cards, provider=provider, notice=saved.notice,
+                            **cardflow.card_entry_context(provider)), 503 if saved.notice else 200)
 
 
 @bp.route("/cards/setup", methods=["POST"])
@@ -347,9 +249,9 @@ def cards_page():
 @limiter.limit(CARD_SETUP_LIMIT)
 def start_card_setup():
     """JSON for card.js: a SetupIntent's client secret, so the browser can hand the card to Stripe."""
-    provider = _provider()
+    provider = cardflow.payment_provider()
     if provider is None:
-        return _json_problem(503, "payments_unavailable", _("Card payments are not available right now."))
+        return cardflow.payments_unavailable()
     s = db_session()
     try:
         customer_id = wallet.customer_id(s, provider, owner=current_user.owner, email=current_user.email)
@@ -359,7 +261,7 @@ def start_card_setup():
     except ProviderError:
         s.rollback()
         log.warning("card setup could not start", exc_info=True)
-        return _unavailable_problem()
+        return problem_response(503, "provider_unavailable", _unavailable_detail())
     return jsonify(setup_id=setup.id, client_secret=setup.client_secret)
 
 
@@ -367,28 +269,23 @@ def start_card_setup():
 @login_required
 def finish_card_setup():
     """JSON for card.js: after the browser confirmed the SetupIntent, save the card to this person."""
-    provider = _provider()
+    provider = cardflow.payment_provider()
     if provider is None:
-        return _json_problem(503, "payments_unavailable", _("Card payments are not available right now."))
-    body = request.get_json(silent=True)
-    setup_id = body.get("setup_id") if isinstance(body, dict) else None
-    if not isinstance(setup_id, str) or not setup_id.startswith("seti_") or len(setup_id) > 255:
-        return _json_problem(400, "invalid_setup", _("Your card could not be saved. Please enter it again."))
+        return cardflow.payments_unavailable()
+    setup_id = cardflow.posted_setup_id()
+    if setup_id is None:
+        return cardflow.invalid_setup()
     customer_id = wallet.known_customer_id(db_session(), current_user.owner)
     if customer_id is None:
-        return _json_problem(400, "invalid_setup", _("Your card could not be saved. Please enter it again."))
-    try:
-        card = provider.finish_card_setup(setup_id=setup_id, customer_id=customer_id)
-    except InvalidRequest:
-        return _json_problem(400, "invalid_setup", _("Your card could not be saved. Please enter it again."))
-    except ProviderError:
-        log.warning("card setup could not finish", exc_info=True)
-        return _unavailable_problem()
+        return cardflow.invalid_setup()
+    card = cardflow.finish_card_setup(provider, setup_id, customer_id, log, "card setup could not finish", _unavailable_detail())
+    if not isinstance(card, Card):
+        return card
     return jsonify(payment_method_id=card.id, brand=card.brand, last4=card.last4, exp_month=card.exp_month, exp_year=card.exp_year, is_default=card.is_default)
 
 
 def _change_card(payment_method_id: str, change: str):
-    provider = _provider()
+    provider = cardflow.payment_provider()
     customer_id = wallet.known_customer_id(db_session(), current_user.owner)
     if provider is None or customer_id is None:
         abort(404)
