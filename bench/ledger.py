@@ -15,7 +15,10 @@ exception; many clients on one wallet is the worst case, shown last).
 Afterwards every invariant is checked: each entry sums to zero, each
 wallet's cached balance equals the sum of its postings and is never negative.
 
-    .venv/bin/python bench/ledger.py [seconds-per-case] [postgresql+psycopg://…]
+Each case runs three rounds, baseline and ledger alternately, and compares
+the medians: a hiccup of the machine during one run does not decide the ratio.
+
+    .venv/bin/python bench/ledger.py [seconds-per-run] [postgresql+psycopg://…]
 
 Goal (issue 3): ≥ 0.5 of the baseline at 16 clients, zero invariant violations.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,6 +38,7 @@ from sqlalchemy import create_engine, func, select, text  # noqa: E402
 from sqlalchemy.orm import Session, sessionmaker  # noqa: E402
 
 DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/voltpay_bench"
+ROUNDS = 3  # each case runs this many times, alternating with its baseline; the medians are compared
 
 
 def _engine(url: str):
@@ -136,14 +141,22 @@ def main() -> None:
     # As in production: the low-balance check that each wallet debit asks for goes to Redis, for the worker.
     configure_queue({"REDIS_URL": os.environ.get("VOLTPAY_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")})
     prepare(url, wallets=4)
-    print(f"PostgreSQL ledger benchmark, {seconds:.0f} s per case, {os.cpu_count()} cores")
+    print(f"PostgreSQL ledger benchmark, {ROUNDS} rounds of {seconds:.0f} s per case (baseline and ledger alternately; medians), "
+          f"{os.cpu_count()} cores")
     print(f"{'clients':>7} {'baseline tx/s':>14} {'debits/s':>10} {'ratio':>6}")
+    ids = iter(range(10**6))  # every client of every run books its own idempotency keys: no run replays another's
     for clients in (1, 4, 16):
-        base = _timed(_baseline_worker, url, clients, seconds, lambda i: ())
-        led = _timed(_ledger_worker, url, clients, seconds, lambda i: (i % 4, i))
-        print(f"{clients:>7} {base:>14.0f} {led:>10.0f} {led / base:>6.2f}")
+        bases, leds = [], []
+        for _round in range(ROUNDS):
+            bases.append(_timed(_baseline_worker, url, clients, seconds, lambda i: ()))
+            run = [next(ids) for _ in range(clients)]
+            leds.append(_timed(_ledger_worker, url, clients, seconds, lambda i, run=run: (i % 4, run[i])))
+        base, led = statistics.median(bases), statistics.median(leds)
+        print(f"{clients:>7} {base:>14.0f} {led:>10.0f} {led / base:>6.2f}   "
+              f"(ratios of the rounds: {', '.join(f'{b and x / b:.2f}' for b, x in zip(bases, leds, strict=True))})")
     # Worst case: every client on one wallet.
-    led = _timed(_ledger_worker, url, 16, seconds, lambda i: (0, 100 + i))
+    run = [next(ids) for _ in range(16)]
+    led = _timed(_ledger_worker, url, 16, seconds, lambda i: (0, run[i]))
     print(f"{'16/1w':>7} {'':>14} {led:>10.0f}   (16 clients on one wallet)")
     from webapp.tasks import huey
 
