@@ -28,11 +28,6 @@ from payments.ledger import (
 from payments.money import CurrencyMismatch, Money
 
 
-@pytest.fixture
-def Session(app):  # noqa: N802 - a session factory, named like one
-    return app.extensions["db_sessionmaker"]
-
-
 def eur(cents: int) -> Money:
     return Money(cents, "EUR")
 

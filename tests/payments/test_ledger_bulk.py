@@ -21,11 +21,6 @@ from payments.ledger import (
 from payments.money import CurrencyMismatch, Money
 
 
-@pytest.fixture
-def Session(app):  # noqa: N802 - a session factory, named like one
-    return app.extensions["db_sessionmaker"]
-
-
 def accounts(s, wallet_limit: int = 0):
     """A meter wallet holding 10.00 (and ``wallet_limit`` of overdraft), revenue and VAT payable, in EUR."""
     wallet = get_account(s, AccountKind.METER_WALLET, "EUR", "meter:1", overdraft_limit_minor=wallet_limit)

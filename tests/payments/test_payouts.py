@@ -39,11 +39,6 @@ def app_config(app_config, stripe_config, tmp_path):  # the conftest's settings,
             "PAYOUT_DEBTOR_IBAN": DEBTOR.iban, "PAYOUT_DEBTOR_BIC": DEBTOR.bic}
 
 
-@pytest.fixture
-def Session(app):  # noqa: N802 - a session factory
-    return app.extensions["db_sessionmaker"]
-
-
 def make_parties(s) -> dict[str, Party]:
     """An operator paid by SEPA, a site host paid by SEPA with a 10.00 minimum, an equipment owner with a Turkish account
     (CSV), and the platform on Stripe Connect."""

@@ -93,11 +93,6 @@ def test_bad_rules_are_refused_with_the_field(rule, field):
 # --------------------------------------------------------------------------- booked in the ledger
 
 
-@pytest.fixture
-def Session(app):  # noqa: N802 - a session factory
-    return app.extensions["db_sessionmaker"]
-
-
 def parties(s) -> dict[str, Party]:
     out = {}
     for name, kind in (("op", PartyKind.OPERATOR), ("host", PartyKind.SITE_HOST), ("owner", PartyKind.EQUIPMENT_OWNER),

@@ -33,11 +33,6 @@ T0 = dt.datetime(2031, 3, 3, 9, 0, tzinfo=UTC)  # a Monday
 OWNER = connector_owner(1)
 
 
-@pytest.fixture
-def Session(app):  # noqa: N802 - a session factory, named like one
-    return app.extensions["db_sessionmaker"]
-
-
 def energy_tariff(price_excl: str = "0.30", currency: str = "EUR", **extra) -> dict:
     return {"currency": currency, "elements": [{"price_components": [{"type": "ENERGY", "price": D(price_excl), "vat": D(21), "step_size": 1}]}],
             **extra}
