@@ -101,7 +101,8 @@ def test_demo_serves_pages_and_stops_all_its_processes(tmp_path, how):
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     children: list[int] = []
     try:
-        _wait_until(lambda: "Ctrl-C stops" in output.read_text(), START_TIMEOUT, "the demo says it runs", output, proc)
+        # the demo's own line: the charger gateway, started earlier, prints a "Ctrl-C stops" of its own
+        _wait_until(lambda: f"Voltpay demo running at {base}/" in output.read_text(), START_TIMEOUT, "the demo says it runs", output, proc)
         _wait_until(lambda: _get(f"{base}/healthz")[0] == 200, START_TIMEOUT, "GET /healthz answers 200", output, proc)
         status, page = _get(f"{base}/auth/sign-up")
         assert status == 200 and "Create an account" in page
