@@ -23,11 +23,10 @@ from payments.cards import CardPayment
 from payments.invoicing import Document, DocumentKind
 from tests.charging_helpers import session_row, wait_for
 from tests.e2e.conftest import ConsoleError
-from tests.stripe_browser import browser_card
-from tests.webapp.test_charging_service import charge, make_site, start
+from tests.webapp.test_support_actions import guest_card_session
 from webapp.auth.passwords import hash_password
 from webapp.charging import service
-from webapp.charging.models import ChargingSession, PaymentKind, SessionState
+from webapp.charging.models import ChargingSession, SessionState
 from webapp.models import Operator, Role, User
 from webapp.support.models import AuditEntry, Ticket
 
@@ -39,14 +38,7 @@ DESK = {"width": 1280, "height": 800}
 
 def paid_guest_session(app, config) -> tuple[int, str]:
     """A guest's card session billed €4.24 (10 kWh at €0.4235), its invoice emailed; and its link (as the payment page emails it)."""
-    make_site(app)
-    provider = app.extensions["payment_provider"]
-    pm = browser_card(config, "4242424242424242")
-    card = provider.card_of(payment_method_id=pm)
-    cs = start(app, None, email=GUEST, payment_kind=PaymentKind.CARD, payment_method_id=pm, card_brand=card.brand,
-               card_last4=card.last4).session
-    charge(app, cs, utcnow(), kwh_at=[(300, 4000)], stop_s=600, stop_wh=10000)
-    assert session_row(app, cs.id).captured_minor == 424
+    cs = guest_card_session(app, config, GUEST)
     with app.extensions["db_sessionmaker"].begin() as s:
         token = service.new_guest_token(s, s.get(ChargingSession, cs.id))
     return cs.id, f"/s/{cs.id}?t={token}"

@@ -246,13 +246,13 @@ def test_a_refund_needs_a_reason_and_the_page_key_and_only_a_paid_session_is_ref
     assert session_row(site, cs.id).refunded_minor == 200
 
 
-def guest_card_session(app, config) -> ChargingSession:
+def guest_card_session(app, config, email: str = GUEST) -> ChargingSession:
     """A guest's card session at localstripe, billed €4.24 (10 kWh), its invoice emailed to the guest."""
     make_site(app)
     provider = app.extensions["payment_provider"]
     pm = browser_card(config, "4242424242424242")
     card = provider.card_of(payment_method_id=pm)
-    cs = start(app, None, email=GUEST, payment_kind=PaymentKind.CARD, payment_method_id=pm, card_brand=card.brand,
+    cs = start(app, None, email=email, payment_kind=PaymentKind.CARD, payment_method_id=pm, card_brand=card.brand,
                card_last4=card.last4).session
     charge(app, cs, utcnow(), kwh_at=[(300, 4000)], stop_s=600, stop_wh=10000)
     done = session_row(app, cs.id)
