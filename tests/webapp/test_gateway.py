@@ -321,7 +321,8 @@ def test_remote_start_to_stop_updates_and_bills_the_session(app, gateway, chargi
     client = app.extensions["charger_gateway"]
     with db(app) as s:
         cs = service.request_start(s, client, None, s.get(ChargingSession, session_id), utcnow())
-        assert cs.state is SessionState.START_REQUESTED
+        # start_requested, or charging already when the simulated car (at 100× speed) beat the RemoteStart's answer
+        assert cs.state in (SessionState.START_REQUESTED, SessionState.CHARGING)
 
     cs = wait_for(lambda: (row := session_row(app, session_id)).state is SessionState.CHARGING and row, what="StartTransaction")
     wait_for(lambda: sim.connector(1).transaction_id is not None, what="the charger to read the answer")
@@ -357,7 +358,7 @@ def test_a_wallet_session_stops_itself_at_its_cap_and_replays_are_applied_once(a
                                    payment_kind=PaymentKind.WALLET, max_energy_kwh=Decimal("0.3"))
         started = service.start_session(s, None, client, req, now=utcnow())
         session_id, hold = started.session.id, started.session.hold_minor
-        assert started.session.state is SessionState.START_REQUESTED
+        assert started.session.state in (SessionState.START_REQUESTED, SessionState.CHARGING)  # the fast car may have started already
 
     cs = wait_for(lambda: (row := session_row(app, session_id)).state is SessionState.COMPLETED and row, what="auto-stop and billing")
     # The hold is sized from the energy cap, so the cost reaches the hold at the same reading (checked first).
