@@ -8,21 +8,24 @@ parties: the platform (Stripe Connect), 50 operators and 1,000 site hosts
 non-SEPA bank: CSV). The payments: one business day of charging sessions
 (1.00–60.00 with 21 % VAT, a card fee of 0.25 + 1.4 %, 0–80 kWh), handed to
 ``payments.settlement.allocate_many`` in chunks of ``--chunk`` payments, one
-transaction per chunk — what a capture-time allocation writes: the
-allocation, its lines, a balanced journal entry and its postings. Then
-``payments.payouts.build_batch`` builds day T's batch (one payout per party
-owed at least its minimum, each booked to payouts in transit) and its
-pain.001 (validated against the XSD) and CSV files are made.
+transaction per chunk, by ``--workers`` worker processes side by side (one
+per CPU by default, as the settlement workers run in production; each makes
+its own chunks). Each chunk writes the allocations, their lines and one
+balanced journal entry per currency (``payments.settlement``, "Bulk
+allocation"). Then ``payments.payouts.build_batch`` builds day T's batch (one
+payout per party owed at least its minimum, each booked to payouts in
+transit) and its pain.001 (validated against the XSD) and CSV files are made.
 
-The baseline, measured in the same run on the same server: the same payment
-rows COPYed into a bare table (no indexes, no rule, no ledger) — the floor
-any bulk allocation has to pay to get the payments into the database.
+The baseline, measured in the same run on the same server with the same
+workers: the same payment rows COPYed into a bare table (no indexes, no rule,
+no ledger) — the floor any bulk allocation has to pay to get the payments
+into the database.
 
 Afterwards it checks: every journal entry sums to zero; the parties'
-payables plus the payouts equal the allocated net; each payout equals what
-its party was allocated.
+payables plus the payouts equal the allocated net and the sum of the lines;
+each payout equals what its party was allocated.
 
-    .venv/bin/python bench/settlement.py [--payments 1000000] [--sites 1000] [--database-url postgresql+psycopg://…/bench_settlement]
+    .venv/bin/python bench/settlement.py [--payments 1000000] [--sites 1000] [--workers 2] [--database-url postgresql+psycopg://…/bench_settlement]
 
 The database is dropped and created again (default ``bench_settlement``).
 Goal (issue 8): the whole run (allocation and batch) in ≤ 60 s.
@@ -87,35 +90,53 @@ def prepare(url: str, sites: int) -> tuple[object, dict[int, int]]:
     return eng, merchant
 
 
-def payments(n: int, sites: int, merchant: dict[int, int], chunk: int, seed: int = 1):
-    """The day's captured payments, ``chunk`` at a time, spread over the day in time order."""
-    rng = random.Random(seed)
+def chunk_payments(k: int, n: int, sites: int, merchant: dict[int, int], chunk: int) -> list[dict]:
+    """Chunk ``k`` of the day's ``n`` captured payments (``chunk`` of them, spread over the day in time order).
+
+    Each chunk has its own seed, so a worker makes its chunks without the others'."""
+    rng = random.Random(k + 1)
     step = 86_400 / n
-    for lo in range(0, n, chunk):
-        out = []
-        for i in range(lo, min(n, lo + chunk)):
-            site = rng.randint(1, sites)
-            gross = rng.randint(100, 6000)
-            vat = gross * 21 // 121
-            out.append({"key": f"session:{i}", "source": f"session:{i}", "site_id": site, "currency": "EUR", "gross": gross, "vat": vat,
-                        "fee": min(gross - vat, 25 + gross * 14 // 1000), "kwh": Decimal(rng.randint(0, 80_000)).scaleb(-3),
-                        "merchant_of_record": merchant[site], "at": START + dt.timedelta(seconds=int(i * step))})
-        yield out
+    out = []
+    for i in range(k * chunk, min(n, (k + 1) * chunk)):
+        site = rng.randint(1, sites)
+        gross = rng.randint(100, 6000)
+        vat = gross * 21 // 121
+        out.append({"key": f"session:{i}", "source": f"session:{i}", "site_id": site, "currency": "EUR", "gross": gross, "vat": vat,
+                    "fee": min(gross - vat, 25 + gross * 14 // 1000), "kwh": Decimal(rng.randint(0, 80_000)).scaleb(-3),
+                    "merchant_of_record": merchant[site], "at": START + dt.timedelta(seconds=int(i * step))})
+    return out
 
 
-def baseline(eng, n: int, sites: int, merchant: dict[int, int], chunk: int) -> float:
-    """Seconds to COPY the same payment rows into a bare table (one transaction per chunk)."""
-    with eng.begin() as c:
-        c.execute(text("CREATE TABLE bench_payments (key varchar(200), source varchar(64), site_id int, currency varchar(3), gross bigint,"
-                       " vat bigint, fee bigint, kwh numeric(18,3), merchant int, at timestamptz)"))
+def _worker(job: tuple) -> tuple[float, float]:
+    """One worker process: its share of the chunks (k ≡ worker mod workers), one transaction each; (CPU s, max RSS MiB)."""
+    what, url, n, sites, merchant, chunk, worker, workers = job
+    from payments import settlement
+
+    eng = create_engine(url)
+    cpu0 = time.process_time()
+    for k in range(worker, -(-n // chunk), workers):
+        rows = chunk_payments(k, n, sites, merchant, chunk)
+        if what == "allocate":
+            with Session(eng) as s, s.begin():
+                settlement.allocate_many(s, rows)
+        else:
+            with eng.begin() as c:
+                with c.connection.driver_connection.cursor() as cur, cur.copy("COPY bench_payments FROM STDIN") as cp:
+                    for r in rows:
+                        cp.write_row((r["key"], r["source"], r["site_id"], r["currency"], r["gross"], r["vat"], r["fee"], r["kwh"],
+                                      r["merchant_of_record"], r["at"]))
+    eng.dispose()
+    return time.process_time() - cpu0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def in_workers(what: str, url: str, n: int, sites: int, merchant: dict[int, int], chunk: int, workers: int) -> tuple[float, float, float]:
+    """Run ``what`` ("allocate" or "baseline") over every chunk in ``workers`` processes; (seconds, their CPU s, max RSS MiB)."""
+    import multiprocessing
+
     t0 = time.perf_counter()
-    for rows in payments(n, sites, merchant, chunk):
-        with eng.begin() as c:
-            with c.connection.driver_connection.cursor() as cur, cur.copy("COPY bench_payments FROM STDIN") as cp:
-                for r in rows:
-                    cp.write_row((r["key"], r["source"], r["site_id"], r["currency"], r["gross"], r["vat"], r["fee"], r["kwh"],
-                                  r["merchant_of_record"], r["at"]))
-    return time.perf_counter() - t0
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        got = pool.map(_worker, [(what, url, n, sites, merchant, chunk, w, workers) for w in range(workers)])
+    return time.perf_counter() - t0, sum(c for c, _ in got), max(m for _, m in got)
 
 
 def check(eng, batch_id: int) -> dict:
@@ -143,7 +164,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--payments", type=int, default=1_000_000)
     ap.add_argument("--sites", type=int, default=1000)
-    ap.add_argument("--chunk", type=int, default=50_000)
+    ap.add_argument("--chunk", type=int, default=50_000, help="payments per allocate_many call (one transaction)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="worker processes allocating chunks side by side "
+                    "(default: one per CPU, as the production worker pool runs)")
     ap.add_argument("--database-url", default=DEFAULT_URL)
     a = ap.parse_args()
     import tempfile
@@ -158,20 +181,20 @@ def main() -> None:
     eng, merchant = prepare(a.database_url, a.sites)
     print(f"setup: {a.sites} sites, {len(set(merchant.values()))} operators, {time.perf_counter() - t_setup:.1f} s", flush=True)
 
-    base = baseline(eng, a.payments, a.sites, merchant, a.chunk)
-    print(f"baseline (COPY of the same payment rows into a bare table): {base:.1f} s, {a.payments / base:,.0f} rows/s", flush=True)
+    with eng.begin() as c:
+        c.execute(text("CREATE TABLE bench_payments (key varchar(200), source varchar(64), site_id int, currency varchar(3), gross bigint,"
+                       " vat bigint, fee bigint, kwh numeric(18,3), merchant int, at timestamptz)"))
+    eng.dispose()  # the workers are forked: none may share the parent's connections
+    base, _cpu, _rss = in_workers("baseline", a.database_url, a.payments, a.sites, merchant, a.chunk, a.workers)
+    print(f"baseline (COPY of the same payment rows into a bare table, same workers): {base:.1f} s, {a.payments / base:,.0f} rows/s",
+          flush=True)
 
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
-    cpu0 = time.process_time()
-    for rows in payments(a.payments, a.sites, merchant, a.chunk):
-        with Session(eng) as s, s.begin():
-            settlement.allocate_many(s, rows)
-    t_alloc = time.perf_counter() - t0
-    cpu = time.process_time() - cpu0
+    t_alloc, cpu, worker_rss = in_workers("allocate", a.database_url, a.payments, a.sites, merchant, a.chunk, a.workers)
     print(f"allocated: {a.payments:,} payments in {t_alloc:.1f} s = {a.payments / t_alloc:,.0f} payments/s "
-          f"({t_alloc / base:.1f}× the baseline); this process's CPU {cpu:.1f} s (generating, splitting, COPY formatting), "
-          f"the rest waiting on PostgreSQL (load average before: {load:.2f} on {os.cpu_count()} CPUs)", flush=True)
+          f"({t_alloc / base:.1f}× the baseline) by {a.workers} worker process{'es' if a.workers != 1 else ''}; their CPU {cpu:.1f} s (generating, splitting, "
+          f"COPY formatting), the rest waiting on PostgreSQL (load average before: {load:.2f} on {os.cpu_count()} CPUs)", flush=True)
 
     t1 = time.perf_counter()
     with Session(eng) as s, s.begin():
@@ -185,7 +208,7 @@ def main() -> None:
     total = time.perf_counter() - t0
     print(f"batch: {n_payouts:,} payouts in {t_batch:.1f} s; files: pain.001 {len(files['pain.001.xml']):,} bytes (schema-valid), "
           f"CSV {len(files['payouts.csv']):,} bytes in {t_files:.1f} s", flush=True)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, worker_rss)
     print(f"whole run (allocation + batch + files): {total:.1f} s = {a.payments / total:,.0f} payments/s; peak memory {peak_mb:,.0f} MB; "
           f"goal (1,000,000 payments in ≤ 60 s): {'met' if a.payments >= 1_000_000 and total <= 60 else 'NOT met'}"
           f" (at this rate 1,000,000 payments take {total * 1_000_000 / a.payments:,.0f} s)", flush=True)

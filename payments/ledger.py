@@ -601,6 +601,51 @@ def _copy(s: Session, table: str, cols: Sequence[str], rows: Iterable[Sequence])
         event.remove(conn, "before_cursor_execute", busy)
 
 
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def copy_text(value: str) -> str:
+    """``value`` as a field of COPY's text format (backslash, tab, newline and carriage return escaped)."""
+    return value.translate(_COPY_ESCAPES) if ("\\" in value or "\t" in value or "\n" in value or "\r" in value) else value
+
+
+def _copy_lines(s: Session, table: str, cols: Sequence[str], lines: Iterable[str], *, block: int = 2000) -> None:
+    """``_copy`` for rows the caller formats itself: each item one line of COPY's text format, ``\\n`` included.
+
+    Several times cheaper than ``_copy`` for wide batches (psycopg formats a
+    row value by value); the caller escapes text with ``copy_text`` and
+    writes NULL as ``\\N``. Lines go out ``block`` at a time, so the
+    database stores the first while the generator makes the next. The same
+    rules as ``_copy``: no statement inside the generator, a broken
+    constraint fails the whole COPY.
+    """
+    import psycopg
+    from sqlalchemy import event
+    from sqlalchemy.exc import DBAPIError
+
+    def busy(*_args, **_kw):
+        raise RuntimeError(f"a statement while rows are copied into {table}: the connection is busy with the COPY")
+
+    sql = f'COPY {table} ({", ".join(cols)}) FROM STDIN'
+    conn = s.connection()
+    raw = conn.connection.dbapi_connection
+    event.listen(conn, "before_cursor_execute", busy)
+    try:
+        with raw.cursor() as cur, cur.copy(sql) as cp:
+            buf: list[str] = []
+            for line in lines:
+                buf.append(line)
+                if len(buf) >= block:
+                    cp.write("".join(buf))
+                    buf.clear()
+            if buf:
+                cp.write("".join(buf))
+    except psycopg.Error as e:
+        raise DBAPIError.instance(sql, None, e, psycopg.Error, dialect=s.get_bind().dialect) from e
+    finally:
+        event.remove(conn, "before_cursor_execute", busy)
+
+
 def balance(s: Session, acct: LedgerAccount) -> Money:
     """What the account shows, on its normal side (a wallet's money is positive)."""
     if acct.guarded:

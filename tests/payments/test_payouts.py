@@ -394,18 +394,22 @@ def random_rules(rng, parties):
 
 
 def entries(s, prefix: str) -> list[tuple]:
-    """Each allocation's lines and ledger entry, in booking order, without ids or keys."""
+    """Each allocation and its lines, in booking order, without ids or keys."""
     out = []
     allocs = s.scalars(select(settlement.Allocation).where(settlement.Allocation.idempotency_key.like(prefix + "%"))
                        .order_by(settlement.Allocation.id)).all()
     for a in allocs:
         lines = [(ln.party_id, ln.role, ln.amount_minor) for ln in s.scalars(select(AllocationLine).where(AllocationLine.allocation_id == a.id)
                                                                                 .order_by(AllocationLine.id))]
-        entry = s.scalar(select(JournalEntry).where(JournalEntry.idempotency_key == f"allocation:{a.idempotency_key}"))
-        postings = [(po.account_id, po.amount_minor, po.currency) for po in entry.postings] if entry else None
-        out.append((a.source, a.site_id, a.rule_id, a.currency, a.gross_minor, a.vat_minor, a.fee_minor, a.net_minor, a.kwh, a.booked_at,
-                    lines, (entry.description, entry.reference) if entry else None, postings))
+        out.append((a.source, a.site_id, a.rule_id, a.currency, a.gross_minor, a.vat_minor, a.fee_minor, a.net_minor, a.kwh, a.booked_at, lines))
     return out
+
+
+def booked(s, key_like: str) -> dict[tuple[int, str], int]:
+    """(account id, currency) → the sum of the postings of the entries whose key is like ``key_like``."""
+    return {(a, c): int(t) for a, c, t in s.execute(
+        select(Posting.account_id, Posting.currency, func.sum(Posting.amount_minor)).join(JournalEntry, JournalEntry.id == Posting.entry_id)
+        .where(JournalEntry.idempotency_key.like(key_like)).group_by(Posting.account_id, Posting.currency)) if t}
 
 
 def test_allocate_many_books_exactly_what_allocate_books(Session):
@@ -436,6 +440,13 @@ def test_allocate_many_books_exactly_what_allocate_books(Session):
         ids = settlement.allocate_many(s, [dict(pm, key=f"many:{i}") for i, pm in enumerate(payments)])
         assert len(set(ids)) == 300
         assert entries(s, "many:") == entries(s, "one:")
+        # The ledger: one balanced entry per currency for the whole call, each account moved by exactly what the
+        # 300 entries of allocate moved it.
+        bulk = s.scalars(select(JournalEntry).where(JournalEntry.idempotency_key.like("allocations:%")).order_by(JournalEntry.id)).all()
+        assert [(e.idempotency_key, e.reference) for e in bulk] == [(f"allocations:{min(ids)}:EUR", f"allocations:{min(ids)}-{max(ids)}"),
+                                                                    (f"allocations:{min(ids)}:JPY", f"allocations:{min(ids)}-{max(ids)}")]
+        assert all(sum(p.amount_minor for p in e.postings) == 0 and {p.currency for p in e.postings} == {e.idempotency_key[-3:]} for e in bulk)
+        assert booked(s, "allocations:%") == booked(s, "allocation:one:%") != {}
         # Once per key: again, or mixed with keys allocate booked, nothing new.
         count = s.scalar(select(func.count(JournalEntry.id)))
         assert settlement.allocate_many(s, [dict(pm, key=f"many:{i}") for i, pm in enumerate(payments)]) == ids
@@ -444,6 +455,52 @@ def test_allocate_many_books_exactly_what_allocate_books(Session):
         assert s.scalar(select(func.count(JournalEntry.id))) == count
         # And allocate sees them as booked.
         assert settlement.allocate(s, key="many:5", **payments[5]).id == ids[5]
+
+
+def test_two_workers_allocating_at_once_book_every_payment_and_create_each_payable_once(Session):
+    """Settlement workers allocate side by side: their first payments for the same new parties create each payable once,
+    nobody deadlocks or waits for ever, and every line reaches its party's payable."""
+    import threading
+
+    from payments.tariff_store import dumps
+
+    with Session.begin() as s:
+        ps = [Party(kind=PartyKind.SITE_HOST, legal_name=f"host {i}", payout_currency="EUR") for i in range(6)]
+        s.add_all(ps)
+        s.flush()
+        pids = [x.id for x in ps]
+        at = dt.datetime(2026, 1, 5, tzinfo=dt.UTC)
+        # Overlapping parties, listed in opposite orders on the two sites.
+        for site, order in ((1, pids[1:5]), (2, pids[5:1:-1])):
+            s.add(settlement.SplitRule(site_id=site, number=1, effective_from=at - dt.timedelta(days=1), created_by="test", rule_json=dumps(
+                {"shares": [{"party_id": p, "bps": 1000} for p in order], "merchant_of_record": pids[0]})))
+    work = {site: [dict(key=f"site{site}:{i}", source=f"session:{site}{i}", site_id=site, currency="EUR", gross=1210 + i, vat=210, fee=25,
+                        merchant_of_record=pids[0], at=at) for i in range(300)] for site in (1, 2)}
+    barrier = threading.Barrier(2)
+    failed: list[BaseException] = []
+
+    def worker(rows):
+        try:
+            barrier.wait(timeout=30)
+            with Session.begin() as s:
+                settlement.allocate_many(s, rows)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            failed.append(e)
+
+    threads = [threading.Thread(target=worker, args=(rows,)) for rows in work.values()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not failed and not any(t.is_alive() for t in threads)
+    with Session() as s:
+        payables = dict(s.execute(select(LedgerAccount.owner, LedgerAccount.id).where(LedgerAccount.kind == AccountKind.PARTY_PAYABLE)).all())
+        assert sorted(payables) == sorted(f"party:{p}" for p in pids)  # one each (the owner is unique per kind and currency)
+        lines = dict(s.execute(select(AllocationLine.party_id, func.sum(AllocationLine.amount_minor)).group_by(AllocationLine.party_id)).all())
+        assert sum(lines.values()) == sum(p["gross"] - p["vat"] - p["fee"] for rows in work.values() for p in rows)
+        for pid in pids:
+            assert balance(s, s.get(LedgerAccount, payables[f"party:{pid}"])) == Money(int(lines[pid]), "EUR")
+        assert s.scalar(select(func.count(settlement.Allocation.id))) == 600
 
 
 rules = st.builds(
