@@ -6,19 +6,23 @@ really split across bands), each wallet topped up. A collector posts each
 meter's reading every 15 minutes, in batches of 1,000 rows (1,000 meters at
 one instant), one transaction per batch, as ``POST /api/v1/meters/readings``
 would (``webapp.meters.readings.ingest`` — the request's JSON and HTTP are
-not counted). 100 readings per meter: 1,000,000 readings, 990,000 intervals
-priced, stored and debited from the wallets (a balanced journal entry each).
+not counted), from ``--workers`` processes side by side (one per CPU by
+default, as several web processes take the collectors' requests; each
+posts its own groups of 1,000 meters). 100 readings per meter: 1,000,000
+readings, 990,000 intervals priced, stored and debited from the wallets
+(each batch one balanced journal entry: ``webapp.meters.readings``).
 
-The baseline, measured in the same run on the same server: the same rows,
-same batches, one transaction per batch, inserted with a bare executemany
-``INSERT`` into a table shaped like ``meter_readings`` (no checks, no
-pricing, no ledger) — the floor any ingest has to pay.
+The baseline, measured in the same run on the same server by as many
+processes: the same rows, same batches, one transaction per batch, inserted
+with a bare executemany ``INSERT`` into a table shaped like
+``meter_readings`` (no checks, no pricing, no ledger) — the floor any
+ingest has to pay.
 
 Afterwards every invariant is checked: each wallet's cached balance equals
 the sum of its postings and equals the top-up minus the sum of its
 intervals; each entry sums to zero; one interval per consecutive pair.
 
-    .venv/bin/python bench/meters.py [--readings 1000000] [--database-url postgresql+psycopg://…/bench_meters]
+    .venv/bin/python bench/meters.py [--readings 1000000] [--workers 2] [--database-url postgresql+psycopg://…/bench_meters]
 
 The database is dropped and created again (default ``bench_meters``).
 Goal (issue 7): ≥ 20,000 readings/s ingested and billed.
@@ -112,16 +116,20 @@ def prepare(url: str, meters: int) -> dict:
     return {"operator_id": operator_id, "meter_ids": meter_ids}
 
 
-def batches(meters: int, per_meter: int):
-    """(step, rows) batches: every meter's reading at one instant, BATCH meters per batch; 0.1–0.5 kWh per step."""
+def batches(meters: int, per_meter: int, worker: int = 0, workers: int = 1):
+    """A worker's batches: every meter's reading at one instant, BATCH meters per batch (the worker's groups of BATCH meters:
+    group g goes to worker g mod workers, as each collector posts to whichever web process takes it); 0.1–0.5 kWh per step."""
+    groups = [first for g, first in enumerate(range(0, meters, BATCH)) if g % workers == worker]
     for k in range(per_meter):
         at = (T0 + k * STEP).isoformat()
-        for first in range(0, meters, BATCH):
+        for first in groups:
             yield [{"meter_code": f"B{i:06d}", "at": at, "register_kwh": str(Decimal(k * (1 + i % 5)) / 10), "demand_kw": "2.5"}
                    for i in range(first, min(first + BATCH, meters))]
 
 
-def run_ingest(url: str, operator_id: int, meters: int, per_meter: int) -> tuple[int, float]:
+def _ingest_worker(job: tuple) -> tuple[int, float, float]:
+    """One web process's share: (readings, CPU s, max RSS MiB)."""
+    url, operator_id, meters, per_meter, worker, workers = job
     from webapp import create_app
     from webapp.meters import readings
 
@@ -129,36 +137,54 @@ def run_ingest(url: str, operator_id: int, meters: int, per_meter: int) -> tuple
     factory = app.extensions["db_sessionmaker"]
     now = T0 + (per_meter + 1) * STEP
     n = 0
+    cpu0 = time.process_time()
     with app.app_context():
-        t = time.perf_counter()
-        for rows in batches(meters, per_meter):
+        for rows in batches(meters, per_meter, worker, workers):
             with factory.begin() as s:
                 rep = readings.ingest(s, operator_id=operator_id, rows=rows, source="api", now=now)
             assert rep.accepted == len(rows), [r for r in rep.results if r.status != "accepted"][:3]
             n += len(rows)
-        elapsed = time.perf_counter() - t
     app.extensions["db_engine"].dispose()
-    return n, elapsed
+    return n, time.process_time() - cpu0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_baseline(url: str, meter_ids: list[int], meters: int, per_meter: int) -> tuple[int, float]:
-    """The same rows, bare executemany INSERT per batch, one transaction each."""
+def _baseline_worker(job: tuple) -> int:
+    url, meter_ids, meters, per_meter, worker, workers = job
     eng = create_engine(url)
     table = text("INSERT INTO bench_readings (meter_id, at, register_kwh, demand_kw, segment, source, received_at) "
                  "VALUES (:meter_id, :at, :register_kwh, :demand_kw, 0, 'api', :received_at)")
     code_to_id = {f"B{i:06d}": m for i, m in enumerate(meter_ids)}
     now = dt.datetime.now(dt.UTC)
     n = 0
-    t = time.perf_counter()
-    for rows in batches(meters, per_meter):
+    for rows in batches(meters, per_meter, worker, workers):
         params = [{"meter_id": code_to_id[r["meter_code"]], "at": dt.datetime.fromisoformat(r["at"]), "register_kwh": Decimal(r["register_kwh"]),
                    "demand_kw": Decimal(r["demand_kw"]), "received_at": now} for r in rows]
         with eng.begin() as c:
             c.execute(table, params)
         n += len(rows)
-    elapsed = time.perf_counter() - t
     eng.dispose()
-    return n, elapsed
+    return n
+
+
+def _pool(fn, jobs: list):
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(len(jobs)) as pool:
+        return pool.map(fn, jobs)
+
+
+def run_ingest(url: str, operator_id: int, meters: int, per_meter: int, workers: int = 1) -> tuple[int, float, float, float]:
+    """Every batch through ``readings.ingest`` in ``workers`` processes side by side; (readings, seconds, their CPU s, max RSS MiB)."""
+    t = time.perf_counter()
+    got = _pool(_ingest_worker, [(url, operator_id, meters, per_meter, w, workers) for w in range(workers)])
+    return sum(g[0] for g in got), time.perf_counter() - t, sum(g[1] for g in got), max(g[2] for g in got)
+
+
+def run_baseline(url: str, meter_ids: list[int], meters: int, per_meter: int, workers: int = 1) -> tuple[int, float]:
+    """The same rows, bare executemany INSERT per batch, one transaction each, by the same number of processes."""
+    t = time.perf_counter()
+    got = _pool(_baseline_worker, [(url, meter_ids, meters, per_meter, w, workers) for w in range(workers)])
+    return sum(got), time.perf_counter() - t
 
 
 def check(url: str, meters: int, per_meter: int) -> list[str]:
@@ -198,26 +224,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--readings", type=int, default=1_000_000, help="total readings (100 per meter; default 1,000,000)")
     p.add_argument("--database-url", default=DEFAULT_URL, help="a PostgreSQL database this bench may drop and create")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="processes posting batches side by side, each its own meters "
+                   "(default: one per CPU, as several web processes take collectors' requests)")
     args = p.parse_args()
     meters = max(1, args.readings // PER_METER)
     print(f"meters: {meters:,} × {PER_METER} readings = {meters * PER_METER:,} readings, batches of {BATCH}, PostgreSQL {args.database_url}")
     seeded = prepare(args.database_url, meters)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     load = os.getloadavg()[0]
-    cpu0 = time.process_time()
-    n, secs = run_ingest(args.database_url, seeded["operator_id"], meters, PER_METER)
-    cpu = time.process_time() - cpu0
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    n, secs, cpu, rss = run_ingest(args.database_url, seeded["operator_id"], meters, PER_METER, args.workers)
     rate = n / secs
-    print(f"ingest + bill:   {n:,} readings in {secs:.1f} s = {rate:,.0f} readings/s "
-          f"({meters * (PER_METER - 1):,} intervals priced, stored and debited)")
-    print(f"  of which this process's CPU (rows, parsing, pricing, COPY formatting): {cpu:.1f} s; the rest waiting on PostgreSQL "
+    print(f"ingest + bill:   {n:,} readings in {secs:.1f} s = {rate:,.0f} readings/s by {args.workers} web process"
+          f"{'es' if args.workers != 1 else ''} ({meters * (PER_METER - 1):,} intervals priced, stored and debited)")
+    print(f"  their CPU (rows, parsing, pricing, COPY formatting): {cpu:.1f} s; the rest waiting on PostgreSQL "
           f"(load average before: {load:.2f} on {os.cpu_count()} CPUs)")
-    bn, bsecs = run_baseline(args.database_url, seeded["meter_ids"], meters, PER_METER)
+    bn, bsecs = run_baseline(args.database_url, seeded["meter_ids"], meters, PER_METER, args.workers)
     base = bn / bsecs
     print(f"baseline INSERT: {bn:,} readings in {bsecs:.1f} s = {base:,.0f} readings/s")
     print(f"ratio ingest/baseline: {rate / base:.2f}")
-    print(f"peak memory (max RSS of this process): {rss1 / 1024:.0f} MiB (before the ingest: {rss0 / 1024:.0f} MiB)")
+    print(f"peak memory (max RSS of a web process): {rss:.0f} MiB")
     problems = check(args.database_url, meters, PER_METER)
     print("invariants: " + ("all hold" if not problems else "; ".join(problems)))
     goal = rate >= 20_000

@@ -479,7 +479,7 @@ def post_many(
     now = utcnow()
     entry_ids: dict[str, int] = {}
     if pg and booked == "fail":
-        ids = list(s.scalars(select(func.nextval(func.pg_get_serial_sequence("journal_entries", "id"))).select_from(func.generate_series(1, len(todo)))))
+        ids = next_ids(s, "journal_entries", len(todo))
         _copy(s, "journal_entries", ("id", "idempotency_key", "description", "reference", "created_at"),
               [(i, k, d, r, now) for i, (k, d, r, _p) in zip(ids, todo, strict=True)])
         entry_ids = {e[0]: i for i, e in zip(ids, todo, strict=True)}
@@ -511,6 +511,16 @@ def post_many(
                 set_committed_value(obj, "balance_minor", balances[key[1][0]][0])
                 set_committed_value(obj, "overdraft_limit_minor", balances[key[1][0]][1])
     return entry_ids, balances
+
+
+def next_ids(s: Session, table: str, n: int) -> list[int]:
+    """``n`` ids drawn from ``table``'s ``id`` sequence (PostgreSQL), for rows a COPY will write with their ids.
+
+    The sequence's name is looked up once, not once per id, and the ids come
+    back in one array: a row per id cost more to fetch than to draw.
+    """
+    seq = s.scalar(select(func.pg_get_serial_sequence(table, "id")))
+    return list(s.scalar(text("SELECT array_agg(nextval(CAST(:seq AS regclass))) FROM generate_series(1, :n)"), {"seq": seq, "n": n}))
 
 
 def _in(s: Session, col, values):

@@ -555,6 +555,7 @@ def allocate_many(s: Session, payments: Sequence[Mapping]) -> list[int]:
     from sqlalchemy import func, insert
 
     from payments.ledger import LedgerAccount, _copy_lines, copy_text, post_many
+    from payments.ledger import next_ids as ledger_next_ids
     from payments.money import exponent
 
     s.flush()
@@ -612,9 +613,8 @@ def allocate_many(s: Session, payments: Sequence[Mapping]) -> list[int]:
 
     # Ids first (a sequence on PostgreSQL; after the largest id elsewhere, where the writer holds the database lock).
     def next_ids(table, n: int) -> list[int]:
-        if pg:  # the sequence's name looked up once (not once per id), every id in one array
-            seq = s.scalar(select(func.pg_get_serial_sequence(table.name, "id")))
-            return list(s.scalar(text("SELECT array_agg(nextval(CAST(:seq AS regclass))) FROM generate_series(1, :n)"), {"seq": seq, "n": n}))
+        if pg:
+            return ledger_next_ids(s, table.name, n)
         start = (s.scalar(select(func.max(table.c.id))) or 0) + 1
         return list(range(start, start + n))
 

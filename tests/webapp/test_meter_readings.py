@@ -119,7 +119,11 @@ def test_in_order_readings_are_priced_and_debited_once(sm, building):
     with sm() as s:
         m = s.get(Meter, building["p1"])
         assert m.last_register_kwh == D("105.000") and m.last_reading_at == T0 + dt.timedelta(hours=2)
-        assert s.scalar(select(func.count()).select_from(JournalEntry).where(JournalEntry.reference == f"meter:{m.id}")) == 2
+        # One balanced consumption entry for the batch: the wallet debited with both intervals, revenue and VAT credited.
+        entry = s.scalars(select(JournalEntry).where(JournalEntry.reference == f"meter:{m.id}")).one()
+        assert entry.description == readings.DESCRIPTION and entry.idempotency_key.startswith("meter-intervals:")
+        wallet = readings.meter_wallet(s, m).id
+        assert sorted((p.account_id == wallet, p.amount_minor) for p in entry.postings) == [(False, -100), (False, -22), (True, 122)]  # net 2 × 0.50, VAT 2 × 0.11
 
 
 def test_out_of_order_readings_supersede_and_bill_each_interval_once(sm, building):

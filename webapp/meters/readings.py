@@ -46,10 +46,18 @@ building's time zone; tiers count the kWh of the meter's non-superseded
 intervals earlier in the month. Rounding: once per interval, ``amount =
 to_minor(incl)``, ``net = to_minor(excl)``, ``vat = amount − net``.
 
-* **Prepaid tenant meters** are debited once per interval: entry
-  ``meter:<id>:interval:<start>/<end>`` — meter wallet (debit ``amount``),
-  revenue (credit ``net``), VAT payable (credit ``vat``). A superseded
-  interval is reversed by ``…:reversal`` (its postings negated).
+* **Prepaid tenant meters** are debited once per interval: the interval
+  row (unique per meter and span) is the record of what was billed, and
+  the batch books it in one balanced entry per currency — each meter's
+  wallet debited with its new intervals' ``amount``, revenue credited with
+  their ``net``, VAT payable with their ``vat``; key
+  ``meter-intervals:<sha-256 of the intervals' keys>:<currency>`` (an
+  interval's key is ``meter:<id>:interval:<start>/<end>``), reference
+  ``meter:<id>`` when the batch is one meter's. A superseded interval's
+  debit is reversed from its own amount and net by a correction entry of
+  the same shape (``…:reversal``). One entry per batch, not per interval:
+  the ledger work of a 1,000-reading batch is one entry and about 1,000
+  postings instead of 1,000 entries and 3,000 postings.
 * **Consumption is never refused.** The electricity was used, so the debit
   is booked even past the tenant's emergency credit: under the wallet's row
   lock the wallet's ``overdraft_limit_minor`` is raised to what is used (the
@@ -61,7 +69,7 @@ to_minor(incl)``, ``net = to_minor(excl)``, ``vat = amount − net``.
 
 Batches are booked in bulk (a few statements per batch, not per row) with
 the ledger's rules (``payments.ledger.post_many``): each entry balanced, its
-key unique (a key that exists books nothing), the wallets' cached balances
+key unique (a key that exists fails the batch, which books nothing), the wallets' cached balances
 changed by one UPDATE under their row locks, in account-id order. The reads
 are few too: the batch's meters by code, their wallets, the meters locked
 together with their last readings, their events and tariff versions.
@@ -76,6 +84,7 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
+import hashlib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -87,7 +96,7 @@ from sqlalchemy import Enum, and_, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from payments import metering
-from payments.ledger import AccountKind, JournalEntry, LedgerAccount, Posting, _copy, get_account, post_many
+from payments.ledger import AccountKind, LedgerAccount, _copy, get_account, post_many
 from payments.money import Money
 from payments.tariff_store import dumps, loads
 from webapp.db import utcnow
@@ -732,7 +741,7 @@ class _Plan:
         # (meter, start, end) → (interval row, debit (meter, key, currency, amount, net, vat, description) or None)
         self.planned: dict[tuple[int, dt.datetime, dt.datetime], tuple[dict, tuple | None]] = {}
         self.supersede: list[tuple[int, dt.datetime, dt.datetime]] = []  # billed spans split by a late reading
-        self.reversals: list[tuple[int, str, list[tuple[int, int, str]]]] = []
+        self.reversals: list[tuple[int, str, str, int, int, int]] = []  # (meter, interval key, currency, amount, net, VAT) debited before
         self.last: dict[int, tuple[dt.datetime, Decimal]] = {}
         self.month_kwh: dict[tuple[int, str], list] = {}
 
@@ -773,29 +782,34 @@ class _Plan:
             _after_wallet_change(s, meters[meter_id], before + delta, before + delta > wallet_rows[wallets[meter_id]][1], self.now)
 
     def _reverse(self, wallets: dict[int, int]) -> None:
-        """Mark superseded intervals and queue the reversal of their debits (postings negated)."""
+        """Mark superseded intervals and queue the reversal of what they debited (their amount, net and VAT)."""
         s = self.s
         it = MeterInterval.__table__
-        keys = {}
         for meter_id, start, end in self.supersede:
-            s.execute(update(it).where(it.c.meter_id == meter_id, it.c.start_at == start, it.c.end_at == end).values(superseded=True))
-            keys[interval_key(meter_id, start, end)] = meter_id
-        if not keys:
-            return
-        entries = s.execute(select(JournalEntry.id, JournalEntry.idempotency_key).where(JournalEntry.idempotency_key.in_(list(keys)))).all()
-        for entry_id, key in entries:
-            postings = s.execute(select(Posting.account_id, Posting.amount_minor, Posting.currency).where(Posting.entry_id == entry_id)).all()
-            self.reversals.append((keys[key], key + ":reversal", [(a, -amt, c) for a, amt, c in postings]))
+            row = s.execute(update(it).where(it.c.meter_id == meter_id, it.c.start_at == start, it.c.end_at == end, it.c.superseded.is_(False))
+                            .values(superseded=True).returning(it.c.amount_minor, it.c.currency, it.c.breakdown_json)).first()
+            if row is None or not row[0] or meter_id not in wallets:
+                continue  # nothing was debited (a post-paid meter, a free interval)
+            amount, currency = int(row[0]), row[1]
+            try:
+                net = metering._minor(Decimal(loads(row[2])["excl"]), currency)
+            except (ValueError, KeyError, TypeError, InvalidOperation):
+                net = amount  # a breakdown without its net: all of it was revenue
+            self.reversals.append((meter_id, interval_key(meter_id, start, end), currency, amount, net, amount - net))
 
     def _book(self, wallets: dict[int, int]) -> dict[int, int]:
-        """Book the debits and reversals as balanced entries (``payments.ledger.post_many``); meter id → wallet delta.
+        """Book the batch's debits, and the reversals of what it superseded, as balanced entries; meter id → wallet delta.
 
-        Consumption is never refused (module docstring): a wallet's limit
-        follows its debt up (``past_limit="raise_limit"``); the relay brings it
-        back. On PostgreSQL the entries go in with one COPY (``booked="fail"``):
-        a key booked before fails the whole batch, which books nothing — under
-        the meters' locks ingest never plans a span twice, so this is a safety
-        net; elsewhere such a key is skipped.
+        One consumption entry per currency for the whole batch: each meter's
+        wallet debited with the sum of its new intervals, revenue credited
+        with their net, VAT payable with their VAT. Its key is derived from
+        the intervals it bills (``meter-intervals:<sha-256 of their interval
+        keys>:<currency>``): those intervals are unique rows, so an interval
+        is billed once, and a batch planned twice would fail on the key. The
+        reversals are a second entry of the same shape, negated
+        (``…:reversal``, described as a correction). Consumption is never
+        refused (module docstring): a wallet's limit follows its debt up
+        (``past_limit="raise_limit"``); the relay brings it back.
         """
         s = self.s
         system: dict[tuple[AccountKind, str], int] = {}
@@ -805,25 +819,34 @@ class _Plan:
                 system[(kind, currency)] = get_account(s, kind, currency).id
             return system[(kind, currency)]
 
-        entries: list[tuple[str, str, str, list[tuple[int, int, str]]]] = []
-        meter_of: dict[str, int] = {}
-        for meter_id, key, postings in self.reversals:
-            entries.append((key, DESCRIPTION_REVERSAL, f"meter:{meter_id}", postings))
-            meter_of[key] = meter_id
-        for meter_id, key, currency, amount, net, vat, description in (d for _iv, d in self.planned.values() if d is not None):
-            postings = [(wallets[meter_id], amount, currency), (acct(AccountKind.REVENUE, currency), -net, currency)]
-            if vat:
-                postings.append((acct(AccountKind.VAT_PAYABLE, currency), -vat, currency))
-            entries.append((key, description, f"meter:{meter_id}", postings))
-            meter_of[key] = meter_id
-        if not entries:
+        # (description, sign) → currency → [interval keys, wallet → amount, net, vat]
+        groups: dict[tuple[str, int], dict[str, list]] = {}
+        debits = ((m, key, cur, amount, net, vat) for _iv, d in self.planned.values() if d is not None for m, key, cur, amount, net, vat, _desc in (d,))
+        for what, sign, items in ((DESCRIPTION, 1, debits), (DESCRIPTION_REVERSAL, -1, self.reversals)):
+            for meter_id, key, currency, amount, net, vat in items:
+                g = groups.setdefault((what, sign), {}).get(currency)
+                if g is None:
+                    g = groups[(what, sign)][currency] = [[], defaultdict(int), 0, 0]
+                g[0].append(key)
+                g[1][meter_id] += amount
+                g[2] += net
+                g[3] += vat
+        if not groups:
             return {}
-        created, _balances = post_many(s, entries, past_limit="raise_limit", booked="fail" if _pg(s) else "skip")
+        entries: list[tuple[str, str, str | None, list[tuple[int, int, str]]]] = []
         deltas: dict[int, int] = defaultdict(int)
-        for key, _d, _r, postings in entries:
-            if key in created:  # booked now (a key booked before books nothing)
-                wallet = wallets[meter_of[key]]
-                deltas[meter_of[key]] += sum(amt for a, amt, _c in postings if a == wallet)
+        for (what, sign), by_currency in groups.items():
+            for currency, (keys, per_meter, net, vat) in sorted(by_currency.items()):
+                digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
+                postings = [(wallets[m], sign * amount, currency) for m, amount in sorted(per_meter.items())]
+                postings.append((acct(AccountKind.REVENUE, currency), -sign * net, currency))
+                if vat:
+                    postings.append((acct(AccountKind.VAT_PAYABLE, currency), -sign * vat, currency))
+                reference = f"meter:{next(iter(per_meter))}" if len(per_meter) == 1 else f"meters:{len(per_meter)}"
+                entries.append((f"meter-intervals:{digest}:{currency}" + (":reversal" if sign < 0 else ""), what, reference, postings))
+                for m, amount in per_meter.items():
+                    deltas[m] += sign * amount
+        post_many(s, entries, past_limit="raise_limit", booked="fail")
         return dict(deltas)
 
     def month_kwh_before(self, m: _MeterState, start: dt.datetime, tz: str) -> Decimal:
