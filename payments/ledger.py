@@ -28,6 +28,7 @@ import datetime as dt
 import enum
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 
 from sqlalchemy import (
     BigInteger,
@@ -577,17 +578,15 @@ def _apply_guarded_many(s: Session, deltas: dict[int, int], past_limit: str, pg:
     return got
 
 
-def _copy(s: Session, table: str, cols: Sequence[str], rows: Iterable[Sequence]) -> None:
-    """COPY ``rows`` (sequences in ``cols`` order) into ``table`` on the session's own connection (PostgreSQL).
+@contextmanager
+def _copying(s: Session, table: str, cols: Sequence[str]):
+    """A COPY into ``table`` on the session's own connection (PostgreSQL): yields psycopg's Copy object.
 
-    The fastest way in; a row that breaks a constraint fails the whole COPY
-    (nothing of it is written), raised as SQLAlchemy's exception for it (an
-    ``IntegrityError`` for a duplicate key), as a statement would be.
-
-    ``rows`` may be a generator doing the caller's work while the database
-    stores the rows already sent; it must not run a statement: the
-    connection is in the COPY (a statement through SQLAlchemy raises
-    ``RuntimeError`` here rather than waiting for ever on the connection).
+    A row that breaks a constraint fails the whole COPY (nothing of it is
+    written), raised as SQLAlchemy's exception for it (an ``IntegrityError``
+    for a duplicate key), as a statement would be. While it is open, a
+    statement through SQLAlchemy raises ``RuntimeError`` rather than waiting
+    for ever on the busy connection.
     """
     import psycopg
     from sqlalchemy import event
@@ -602,13 +601,24 @@ def _copy(s: Session, table: str, cols: Sequence[str], rows: Iterable[Sequence])
     event.listen(conn, "before_cursor_execute", busy)
     try:
         with raw.cursor() as cur, cur.copy(sql) as cp:
-            write = cp.write_row
-            for r in rows:
-                write(r)
+            yield cp
     except psycopg.Error as e:
         raise DBAPIError.instance(sql, None, e, psycopg.Error, dialect=s.get_bind().dialect) from e
     finally:
         event.remove(conn, "before_cursor_execute", busy)
+
+
+def _copy(s: Session, table: str, cols: Sequence[str], rows: Iterable[Sequence]) -> None:
+    """COPY ``rows`` (sequences in ``cols`` order) into ``table`` (PostgreSQL; ``_copying`` says what fails how).
+
+    ``rows`` may be a generator doing the caller's work while the database
+    stores the rows already sent; it must not run a statement: the
+    connection is in the COPY.
+    """
+    with _copying(s, table, cols) as cp:
+        write = cp.write_row
+        for r in rows:
+            write(r)
 
 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -622,38 +632,21 @@ def copy_text(value: str) -> str:
 def _copy_lines(s: Session, table: str, cols: Sequence[str], lines: Iterable[str], *, block: int = 2000) -> None:
     """``_copy`` for rows the caller formats itself: each item one line of COPY's text format, ``\\n`` included.
 
-    Several times cheaper than ``_copy`` for wide batches (psycopg formats a
-    row value by value); the caller escapes text with ``copy_text`` and
-    writes NULL as ``\\N``. Lines go out ``block`` at a time, so the
-    database stores the first while the generator makes the next. The same
-    rules as ``_copy``: no statement inside the generator, a broken
-    constraint fails the whole COPY.
+    Cheaper than ``_copy`` for wide batches (psycopg formats a row value by
+    value); the caller escapes text with ``copy_text`` and writes NULL as
+    ``\\N``. Lines go out ``block`` at a time, so the database stores the
+    first while the generator makes the next; no statement inside the
+    generator.
     """
-    import psycopg
-    from sqlalchemy import event
-    from sqlalchemy.exc import DBAPIError
-
-    def busy(*_args, **_kw):
-        raise RuntimeError(f"a statement while rows are copied into {table}: the connection is busy with the COPY")
-
-    sql = f'COPY {table} ({", ".join(cols)}) FROM STDIN'
-    conn = s.connection()
-    raw = conn.connection.dbapi_connection
-    event.listen(conn, "before_cursor_execute", busy)
-    try:
-        with raw.cursor() as cur, cur.copy(sql) as cp:
-            buf: list[str] = []
-            for line in lines:
-                buf.append(line)
-                if len(buf) >= block:
-                    cp.write("".join(buf))
-                    buf.clear()
-            if buf:
+    with _copying(s, table, cols) as cp:
+        buf: list[str] = []
+        for line in lines:
+            buf.append(line)
+            if len(buf) >= block:
                 cp.write("".join(buf))
-    except psycopg.Error as e:
-        raise DBAPIError.instance(sql, None, e, psycopg.Error, dialect=s.get_bind().dialect) from e
-    finally:
-        event.remove(conn, "before_cursor_execute", busy)
+                buf.clear()
+        if buf:
+            cp.write("".join(buf))
 
 
 def balance(s: Session, acct: LedgerAccount) -> Money:

@@ -457,6 +457,23 @@ def test_allocate_many_books_exactly_what_allocate_books(Session):
         assert settlement.allocate(s, key="many:5", **payments[5]).id == ids[5]
 
 
+def test_allocate_many_stores_keys_and_sources_with_tabs_backslashes_and_line_breaks_as_given(Session):
+    """Keys come from importers: what COPY's text format treats specially is written as it was given."""
+    with Session.begin() as s:
+        p = Party(kind=PartyKind.OPERATOR, legal_name="op", payout_currency="EUR")
+        s.add(p)
+        s.flush()
+        odd = ["import:a\tb", "import:back\\slash\\N", "import:line\nbreak\r", "import:plain"]
+        ids = settlement.allocate_many(s, [dict(key=k, source=k[:64], site_id=9, currency="EUR", gross=100, vat=0, merchant_of_record=p.id,
+                                                at=dt.datetime(2026, 1, 5, tzinfo=dt.UTC)) for k in odd])
+    with Session() as s:
+        rows = s.execute(select(settlement.Allocation.id, settlement.Allocation.idempotency_key, settlement.Allocation.source)
+                         .order_by(settlement.Allocation.id)).all()
+        assert [tuple(r) for r in rows] == [(i, k, k) for i, k in zip(ids, odd, strict=True)]
+        assert settlement.allocate_many(s, [dict(key=k, source=k, site_id=9, currency="EUR", gross=100, vat=0, merchant_of_record=p.id,
+                                                 at=dt.datetime(2026, 1, 5, tzinfo=dt.UTC)) for k in odd]) == ids  # found again by key
+
+
 def test_two_workers_allocating_at_once_book_every_payment_and_create_each_payable_once(Session):
     """Settlement workers allocate side by side: their first payments for the same new parties create each payable once,
     nobody deadlocks or waits for ever, and every line reaches its party's payable."""
