@@ -412,15 +412,20 @@ def booked(s, key_like: str) -> dict[tuple[int, str], int]:
         .where(JournalEntry.idempotency_key.like(key_like)).group_by(Posting.account_id, Posting.currency)) if t}
 
 
+def new_parties(s, kind: PartyKind, n: int) -> list[int]:
+    """``n`` new parties of ``kind`` paid in EUR; their ids."""
+    ps = [Party(kind=kind, legal_name=f"{kind.value} {i}", payout_currency="EUR") for i in range(n)]
+    s.add_all(ps)
+    s.flush()
+    return [x.id for x in ps]
+
+
 def test_allocate_many_books_exactly_what_allocate_books(Session):
     from payments.tariff_store import dumps
 
     rng = random.Random(8)
     with Session.begin() as s:
-        ps = [Party(kind=PartyKind.OPERATOR, legal_name=f"p{i}", payout_currency="EUR") for i in range(6)]
-        s.add_all(ps)
-        s.flush()
-        pids = [x.id for x in ps]
+        pids = new_parties(s, PartyKind.OPERATOR, 6)
         start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
         for site in (1, 2, 3):  # site 4 has no rule: all to the merchant of record
             for n, rule in enumerate(rng.sample(random_rules(rng, pids), 3), 1):
@@ -482,10 +487,7 @@ def test_two_workers_allocating_at_once_book_every_payment_and_create_each_payab
     from payments.tariff_store import dumps
 
     with Session.begin() as s:
-        ps = [Party(kind=PartyKind.SITE_HOST, legal_name=f"host {i}", payout_currency="EUR") for i in range(6)]
-        s.add_all(ps)
-        s.flush()
-        pids = [x.id for x in ps]
+        pids = new_parties(s, PartyKind.SITE_HOST, 6)
         at = dt.datetime(2026, 1, 5, tzinfo=dt.UTC)
         # Overlapping parties, listed in opposite orders on the two sites.
         for site, order in ((1, pids[1:5]), (2, pids[5:1:-1])):
