@@ -144,6 +144,23 @@ def test_out_of_order_readings_supersede_and_bill_each_interval_once(sm, buildin
     assert bal == posted == 500 - total and total == 24 + 48 + 73 + 48
 
 
+def test_a_late_reading_gives_back_what_a_meter_was_debited_while_it_was_prepaid(sm, building):
+    """The operator switched P1 to post-paid; a late reading then splits an interval billed while it was prepaid: the
+    wallet gets that debit back (a correction entry), and the two new intervals wait for the monthly bill."""
+    ingest(sm, building["op"], [row("P1", 0, "100"), row("P1", 4, "108")])
+    assert state(sm, building["p1"])[0] == 500 - 194
+    with sm.begin() as s:
+        s.get(Meter, building["p1"]).prepaid = False
+    rep = ingest(sm, building["op"], [row("P1", 1, "101")])
+    assert statuses(rep) == [("accepted", None)] and rep.superseded == 1 and rep.intervals == 2
+    bal, total, posted, spans = state(sm, building["p1"])
+    assert [(s[2], s[3], s[4]) for s in spans] == [(D(1), 0, False), (D(8), 194, True), (D(7), 0, False)]
+    assert bal == posted == 500 and total == 0
+    with sm() as s:
+        assert s.scalars(select(JournalEntry.description).where(JournalEntry.reference == f"meter:{building['p1']}")
+                         .order_by(JournalEntry.id)).all() == [readings.DESCRIPTION, readings.DESCRIPTION_REVERSAL]
+
+
 def test_reading_below_previous_is_rejected_with_reason(sm, building):
     ingest(sm, building["op"], [row("P1", 0, "100"), row("P1", 2, "110")])
     rep = ingest(sm, building["op"], [row("P1", 3, "109.5"), row("P1", 1, "111"), row("P1", 1, "99")])

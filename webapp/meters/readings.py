@@ -614,15 +614,28 @@ def _wallet_ids(s: Session, currency: str, owners: list[str]) -> dict[str, int]:
 
 
 def _ensure_wallets(s: Session, meters: Iterable[_MeterState]) -> dict[int, int]:
-    """Meter id → wallet account id for debited meters (accounts created in bulk on first use)."""
+    """Meter id → wallet account id for debited meters (accounts created in bulk on first use), and for a tenant's meter
+    that is not debited now but has a wallet: it was prepaid once, and a late reading may reverse what it was debited then."""
+    meters = list(meters)
     wanted = {wallet_owner(m.id): m for m in meters if m.debited}
+    t = LedgerAccount.__table__
+    found: dict[str, int] = {}
+    earlier = defaultdict(list)
+    for m in meters:
+        if not m.debited and m.tenant_id is not None and m.tenant_currency:
+            earlier[m.tenant_currency].append(wallet_owner(m.id))
+    if earlier:
+        by_owner = {wallet_owner(m.id): m for m in meters}
+        for currency, owners in earlier.items():
+            for owner, account_id in _wallet_ids(s, currency, owners).items():
+                wanted[owner] = by_owner[owner]
+                found[owner] = account_id
     if not wanted:
         return {}
-    t = LedgerAccount.__table__
     by_currency: dict[str, list[str]] = defaultdict(list)
     for owner, m in wanted.items():
-        by_currency[m.tenant_currency].append(owner)  # type: ignore[index]
-    found: dict[str, int] = {}
+        if m.debited:
+            by_currency[m.tenant_currency].append(owner)  # type: ignore[index]
     for currency, owners in by_currency.items():
         found.update(_wallet_ids(s, currency, owners))
         missing = [o for o in owners if o not in found]
