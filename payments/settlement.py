@@ -497,11 +497,11 @@ def _split_fast(compiled: tuple, gross: int, vat: int, fee: int, kwh: Decimal, e
     if fixed_rule:
         fixed = []
         kn = kd = 0
-        for pid, role, amount, den in fixed_rule:
-            if den is not None:  # price × kWh in minor units, rounded half up, in exact fractions: (pn/pd) × (kn/kd) × 10^exp
+        for pid, role, amount, price_den in fixed_rule:
+            if price_den is not None:  # price × kWh in minor units, rounded half up, in exact fractions: (pn/pd) × (kn/kd) × 10^exp
                 if not kd:
                     kn, kd = kwh.as_integer_ratio()
-                num, den = amount * kn * 10 ** exp, den * kd
+                num, den = amount * kn * 10 ** exp, price_den * kd
                 amount = (2 * num + den) // (2 * den)
             fixed.append((pid, role, amount))
         if sum(a for _, _, a in fixed) > left:
@@ -620,7 +620,7 @@ def allocate_many(s: Session, payments: Sequence[Mapping]) -> list[int]:
         return list(range(start, start + n))
 
     NULL = "\\N"  # noqa: N806 - COPY's NULL
-    books: list[tuple[int, str, str, str, list[tuple[int, str, int]], int, int]] = []  # (id, key, source, currency, parts, fee, revenue)
+    books: list[tuple[int, str, list[tuple[int, str, int]], int, int]] = []  # (allocation id, currency, parts, fee, revenue)
     alloc_ids = next_ids(Allocation.__table__, len(prepared))
 
     def split_all():
@@ -637,7 +637,7 @@ def allocate_many(s: Session, payments: Sequence[Mapping]) -> list[int]:
                 net, parts = sp.net, list(sp.parts)
             key = p["key"]
             ids[key] = i
-            books.append((i, key, p["source"], cur, parts, fee, gross - vat))
+            books.append((i, cur, parts, fee, gross - vat))
             if pg:
                 yield (f"{i}\t{copy_text(key)}\t{copy_text(p['source'])}\t{p['site_id']}\t{NULL if rule_id is None else rule_id}\t{NULL}\t"
                        f"{cur}\t{gross}\t{vat}\t{fee}\t{net}\t{kwh}\t{p['at'].isoformat()}\n")
@@ -651,7 +651,7 @@ def allocate_many(s: Session, payments: Sequence[Mapping]) -> list[int]:
 
     # Ledger accounts, each fetched or created once: the system accounts per currency and each party's payable.
     accounts: dict[tuple[AccountKind, str, str], int] = {}
-    want_parties = {(cur, pid) for _i, _k, _s, cur, parts, _f, _r in books for pid, _, _ in parts}
+    want_parties = {(cur, pid) for _i, cur, parts, _f, _r in books for pid, _, _ in parts}
     la = LedgerAccount.__table__
 
     def find_payables(cur: str, owners: list[str]) -> None:
@@ -671,19 +671,19 @@ def allocate_many(s: Session, payments: Sequence[Mapping]) -> list[int]:
                 {"kind": AccountKind.PARTY_PAYABLE.value, "currency": cur, "owner": o, "balance_minor": 0, "guarded": False,
                  "overdraft_limit_minor": 0, "created_at": utcnow()} for o in missing])
             find_payables(cur, missing)
-    for _i, _k, _s, cur, _p, fee, revenue in books:
+    for _i, cur, _p, fee, revenue in books:
         for kind, amount in ((AccountKind.REVENUE, revenue), (AccountKind.PROVIDER_FEES, fee)):
             if amount and (kind, cur, "") not in accounts:
                 accounts[(kind, cur, "")] = get_account(s, kind, cur).id
 
     # The ledger: one entry per call and currency, each account's postings summed (module docstring, "Bulk allocation").
     totals: dict[str, dict[int, int]] = {}
-    payables = {(cur, int(owner[6:])): a for (kind, cur, owner), a in accounts.items() if kind == AccountKind.PARTY_PAYABLE}
+    payables = {(cur, pid): accounts[(AccountKind.PARTY_PAYABLE, cur, f"party:{pid}")] for cur, pid in want_parties}
 
     def lines_all():
         """Each allocation's lines (LINE_COLS), summed per account meanwhile (while the database stores lines).
         No statement may run in here either: every account was found above."""
-        for _aid, _key, _source, cur, parts, fee, revenue in books:
+        for aid, cur, parts, fee, revenue in books:
             acc = totals.get(cur)
             if acc is None:
                 acc = totals[cur] = defaultdict(int)
@@ -692,7 +692,7 @@ def allocate_many(s: Session, payments: Sequence[Mapping]) -> list[int]:
             if fee:
                 acc[accounts[(AccountKind.PROVIDER_FEES, cur, "")]] -= fee
             for pid, role, amount in parts:
-                yield f"{_aid}\t{pid}\t{role}\t{amount}\n" if pg else (_aid, pid, role, amount)
+                yield f"{aid}\t{pid}\t{role}\t{amount}\n" if pg else (aid, pid, role, amount)
                 acc[payables[(cur, pid)]] -= amount
 
     if pg:

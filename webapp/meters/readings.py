@@ -834,7 +834,7 @@ class _Plan:
 
         # (description, sign) → currency → [interval keys, wallet → amount, net, vat]
         groups: dict[tuple[str, int], dict[str, list]] = {}
-        debits = ((m, key, cur, amount, net, vat) for _iv, d in self.planned.values() if d is not None for m, key, cur, amount, net, vat, _desc in (d,))
+        debits = (d[:6] for _iv, d in self.planned.values() if d is not None)  # (meter, interval key, currency, amount, net, VAT)
         for what, sign, items in ((DESCRIPTION, 1, debits), (DESCRIPTION_REVERSAL, -1, self.reversals)):
             for meter_id, key, currency, amount, net, vat in items:
                 g = groups.setdefault((what, sign), {}).get(currency)
